@@ -1,0 +1,1 @@
+"""Device profiles and benchmark runs (the timing loop itself lives in edgepack.runtime.bench)."""

@@ -1,0 +1,123 @@
+"""Device profiles: ``targets/*.toml``, validated once on load (unknown keys are an error)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgepack.errors import InputError, UnsupportedHere
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
+_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuntimeSettings(_Strict):
+    version: str = Field(description="oldest onnxruntime the target ships; fixes the opset")
+    threads: int = Field(0, ge=0, description="intra-op threads; 0 = one per core")
+    inter_op_threads: int = Field(1, ge=1)
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+class Budgets(_Strict):
+    max_p99_ms: float | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+
+
+class Profile(_Strict):
+    name: str
+    description: str
+    kind: Literal["cloud", "edge"]
+    arch: Literal["x86_64", "aarch64"]
+    aliases: tuple[str, ...] = ()
+    cpus: int = Field(0, ge=0, description="cores the model may use; 0 = all, no pinning")
+    memory_mb: int | None = Field(None, gt=0)
+    onnxruntime: RuntimeSettings
+    budgets: Budgets = Budgets()
+    source: Path | None = Field(None, exclude=True)
+
+    def runnable_here(self) -> bool:
+        return self.arch == host_arch()
+
+    def require_runnable_here(self) -> None:
+        if not self.runnable_here():
+            raise UnsupportedHere(
+                f"profile {self.name} is {self.arch} and this host is {host_arch()}: "
+                "it can be benchmarked only on the device",
+                "copy the bundle there, unpack it and run `python -m runtime.bench`",
+            )
+
+    def emulation_summary(self) -> str:
+        if not self.runnable_here():
+            return f"device only ({self.arch})"
+        parts = [f"{self.onnxruntime.threads or 'all'} thread(s)"]
+        if self.cpus:
+            parts.append(f"pinned to {self.cpus} core(s)")
+        if self.memory_mb:
+            parts.append(f"{self.memory_mb} MB not enforced")
+        return "emulated: " + ", ".join(parts)
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return _MACHINE_ALIASES.get(machine, machine)
+
+
+def load_profile_file(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise InputError(f"{path}: cannot read profile ({err.strerror})", "check the path") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: not valid TOML ({err})", "fix the file") from None
+    try:
+        return Profile.model_validate({**data, "source": path})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InputError(
+            f"{path}: {where}: {first['msg']}",
+            "see targets/README.md for the profile keys",
+        ) from None
+
+
+@cache
+def builtin_profiles() -> dict[str, Profile]:
+    profiles: dict[str, Profile] = {}
+    for path in sorted(TARGETS_DIR.glob("*.toml")):
+        profile = load_profile_file(path)
+        for key in (profile.name, *profile.aliases):
+            if key in profiles:
+                raise InputError(f"{path}: name {key!r} is already used by another profile",
+                                 "give each profile and alias a unique name")
+            profiles[key] = profile
+    return profiles
+
+
+def resolve_profile(name_or_path: str) -> Profile:
+    """A profile by name or alias (``edge``, ``cloud``), or a path to a TOML file."""
+    if name_or_path.endswith(".toml") or "/" in name_or_path:
+        return load_profile_file(Path(name_or_path))
+    profiles = builtin_profiles()
+    if name_or_path not in profiles:
+        known = ", ".join(sorted(profiles))
+        raise InputError(f"unknown profile {name_or_path!r}", f"choose one of: {known}, or a .toml path")
+    return profiles[name_or_path]
+
+
+def all_profiles() -> list[Profile]:
+    unique = {p.name: p for p in builtin_profiles().values()}
+    return [unique[name] for name in sorted(unique)]

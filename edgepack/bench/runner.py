@@ -1,0 +1,101 @@
+"""Runs the runtime's timing loop in a fresh child process, with a profile's limits applied there.
+
+A child process gives clean memory figures (no torch or skl2onnx in its RSS) and lets CPU pinning
+apply to the model alone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgepack.bench.profiles import Profile
+from edgepack.errors import EdgepackError, IntegrityError
+
+_SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch: int = 1
+    min_time_s: float = 1.0
+    min_runs: int = 100
+    max_time_s: float = 10.0
+
+
+def bench_onnx(model: Path, sample: dict[str, np.ndarray] | None, profile: Profile,
+               settings: BenchSettings) -> dict[str, Any]:
+    """Benchmark a loose ONNX file (a candidate variant during a build)."""
+    profile.require_runnable_here()
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
+        args = ["--model", str(model)]
+        if sample is not None:
+            inputs = Path(tmp) / "input.npz"
+            np.savez(inputs, **sample)
+            args += ["--input", str(inputs)]
+        return _run(args, profile, settings)
+
+
+def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
+    """Benchmark an unpacked bundle; the child verifies every checksum before loading the model."""
+    profile.require_runnable_here()
+    return _run(["--bundle", str(root)], profile, settings)
+
+
+def _run(args: list[str], profile: Profile, settings: BenchSettings) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "edgepack.runtime.bench", *args,
+        "--threads", str(profile.onnxruntime.threads),
+        "--cpus", str(profile.cpus),
+        "--batch", str(settings.batch),
+        "--min-time", str(settings.min_time_s),
+        "--min-runs", str(settings.min_runs),
+        "--max-time", str(settings.max_time_s),
+    ]
+    if profile.memory_mb:
+        command += ["--memory-mb", str(profile.memory_mb)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True,
+                              timeout=settings.max_time_s + _SLACK_S, check=False)
+    except subprocess.TimeoutExpired:
+        raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
+                            "lower --bench-time or check the model") from None
+    if done.returncode != 0:
+        raise _child_error(done.stderr, done.returncode, profile.name)
+    report = json.loads(done.stdout)
+    report["profile"] = profile.name
+    report["measured_on"] = f"this host, emulating {profile.name}"
+    return report
+
+
+def _child_error(stderr: str, code: int, profile: str) -> EdgepackError:
+    try:
+        detail = json.loads(stderr.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        tail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {code}"
+        return EdgepackError(f"the benchmark on {profile} failed: {tail}", "run with --debug for details")
+    if detail.get("exit_code") == int(IntegrityError.exit_code):
+        return IntegrityError(detail["error"])
+    return EdgepackError(f"the benchmark on {profile} failed: {detail.get('error')}")
+
+
+def bench_bundle(archive: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
+    """Verify a bundle archive, unpack it to a temporary folder and benchmark it on ``profile``."""
+    from edgepack.manifest import parse_manifest
+    from edgepack.runtime.bundle import extract_archive
+
+    profile.require_runnable_here()
+    with tempfile.TemporaryDirectory(prefix="edgepack-bundle-") as tmp:
+        root = extract_archive(archive, Path(tmp))
+        manifest = parse_manifest(json.loads((root / "manifest.json").read_text()), str(archive))
+        report = bench_bundle_dir(root, profile, settings)
+    report["bundle"] = {"name": manifest.name, "version": manifest.version, "variant": manifest.variant,
+                        "built_for": manifest.target.profile}
+    return report

@@ -1,0 +1,194 @@
+"""The ``edgepack`` command. Each command parses, calls one core function and renders the result.
+
+Heavy modules (onnx, skl2onnx, onnxruntime) are imported inside the commands so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Optional, TypeVar
+
+import typer
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError, ExitCode
+
+EXIT_CODES = (
+    "Exit codes: 0 ok · 1 internal error · 2 usage error · 3 bad input · 4 conversion failed · "
+    "5 parity or accuracy failed · 6 budget exceeded · 7 integrity failure · 8 not possible on this host."
+)
+
+app = typer.Typer(
+    name="edgepack",
+    help="Take a trained model to production on cloud CPUs and edge devices: convert to ONNX, prove "
+    "parity, quantize, benchmark on device profiles and package a verified bundle.",
+    epilog=EXIT_CODES,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_debug = {"on": os.environ.get("EDGEPACK_DEBUG") == "1"}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _stdout():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def error_boundary(command: F) -> F:
+    """The one place where errors become a one-line message and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except EdgepackError as err:
+            if _debug["on"]:
+                traceback.print_exc()
+            _stderr().print(f"[bold red]error:[/] {err.one_line()}", markup=True, soft_wrap=True)
+            raise typer.Exit(int(err.exit_code)) from None
+        except KeyboardInterrupt:
+            _stderr().print("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except Exception as err:  # noqa: BLE001 - the boundary must catch everything
+            if _debug["on"]:
+                traceback.print_exc()
+            _stderr().print(f"[bold red]internal error:[/] {type(err).__name__}: {err} "
+                            "(a bug in edgepack; rerun with --debug and report the traceback)",
+                            markup=True, soft_wrap=True)
+            raise typer.Exit(int(ExitCode.INTERNAL)) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgepack {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _debug["on"] = _debug["on"] or debug
+
+
+@app.command()
+@error_boundary
+def build(
+    model: Path = typer.Argument(..., help="Trained model: .skops, or .pkl/.joblib with --allow-pickle."),
+    target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
+    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv with header): fix the signature, drive parity and benchmarks."),
+    input_shape: Optional[str] = typer.Option(None, help="Feature shape when there is no sample file, e.g. 64 (parity then runs on random rows)."),
+    input_dtype: str = typer.Option("float32", help="Input dtype with --input-shape."),
+    out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the bundle and its benchmark report."),
+    name: Optional[str] = typer.Option(None, help="Bundle name (default: the model file's name)."),
+    quantize: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | auto (every variant; keep the fastest accurate one)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle/joblib files. Unpickling runs code: only for files you trust."),
+    trust: List[str] = typer.Option([], "--trust", help="A type skops should load though it is not trusted by default (repeatable)."),
+    atol: float = typer.Option(1e-4, help="Parity: absolute tolerance of ONNX against the original."),
+    rtol: float = typer.Option(1e-3, help="Parity: relative tolerance of ONNX against the original."),
+    min_agreement: float = typer.Option(0.99, help="Quantized variants: least share of labels that must agree with fp32."),
+    batch: int = typer.Option(1, help="Batch size for benchmarks."),
+    bench_time: float = typer.Option(1.0, help="Seconds of timed runs per variant (at least 100 runs)."),
+    max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
+    max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+) -> None:
+    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle."""
+    from edgepack.pipeline import build as run_build
+    from edgepack.render import ProgressReporter, render_build
+    from edgepack.spec import BuildSpec
+
+    spec = BuildSpec(
+        model=model, target=target, sample=sample, input_shape=input_shape, input_dtype=input_dtype,
+        out=out, name=name, quantize=quantize, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
+        atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
+        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb,
+    )
+    with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
+        result = run_build(spec, reporter)
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        render_build(_stdout(), result)
+
+
+@app.command()
+@error_boundary
+def verify(
+    bundle: Path = typer.Argument(..., help="A bundle .tar.gz."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Check every checksum, the manifest and the archive's safety; exit 0 only when intact."""
+    from edgepack.verify import verify_bundle
+
+    result = verify_bundle(bundle)
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        _stdout().print(f"[green]✓ intact[/]: {result['name']} {result['version']} ({result['variant']}, "
+                        f"for {result['profile']}), {result['files']} files verified, sha256 {result['sha256']}")
+
+
+@app.command()
+@error_boundary
+def bench(
+    bundle: Path = typer.Argument(..., help="A bundle .tar.gz."),
+    profile: str = typer.Option("edge-1core", "--profile", "-p", help="Device profile to emulate here (see `edgepack profiles`)."),
+    batch: int = typer.Option(1, help="Batch size."),
+    bench_time: float = typer.Option(2.0, help="Seconds of timed runs (at least 100 runs)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Benchmark a verified bundle on a device profile, with the profile's limits applied."""
+    from edgepack.bench.profiles import resolve_profile
+    from edgepack.bench.runner import BenchSettings, bench_bundle
+    from edgepack.render import render_bench
+
+    if batch < 1 or bench_time <= 0:
+        raise typer.BadParameter("--batch and --bench-time must be positive")
+    report = bench_bundle(bundle, resolve_profile(profile), BenchSettings(batch=batch, min_time_s=bench_time))
+    if json_out:
+        print(json.dumps(report, indent=2))
+    else:
+        render_bench(_stdout(), report)
+
+
+@app.command()
+@error_boundary
+def profiles(json_out: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")) -> None:
+    """List the device profiles in targets/ and what this host enforces for each."""
+    from edgepack.bench.profiles import all_profiles
+    from edgepack.render import render_profiles
+
+    found = all_profiles()
+    if json_out:
+        print(json.dumps([{**p.model_dump(mode="json"), "here": p.emulation_summary()} for p in found], indent=2))
+    else:
+        render_profiles(_stdout(), found)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""scikit-learn estimators and pipelines: skops (safe) or pickle/joblib (opt-in) to ONNX via skl2onnx."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
+from edgepack.errors import ConversionError, InputError
+from edgepack.runtime.bundle import sha256_file
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
+SUPPORTED_LIST = "https://onnx.ai/sklearn-onnx/supported.html"
+
+
+class SklearnConverter:
+    name = "scikit-learn"
+    suffixes = (".skops", *PICKLE_SUFFIXES)
+
+    def load(self, path: Path, options: LoadOptions) -> SourceModel:
+        import sklearn
+
+        suffix = path.suffix.lower()
+        if suffix == ".skops":
+            model, file_format = _load_skops(path, options.trust), "skops"
+        else:
+            if not options.allow_pickle:
+                raise InputError(
+                    f"{path.name} is a pickle: loading it can run arbitrary code",
+                    "save the model with skops.io.dump instead, or pass --allow-pickle if you trust its source",
+                )
+            model, file_format = _load_pickle(path), "pickle"
+        if not hasattr(model, "predict") and not hasattr(model, "transform"):
+            raise InputError(f"{path.name} holds a {type(model).__name__}, not a fitted estimator",
+                             "save the fitted scikit-learn estimator or pipeline")
+        kinds = _output_kinds(model)
+        import skl2onnx
+
+        return SourceModel(
+            framework="scikit-learn",
+            file_format=file_format,
+            path=path,
+            sha256=sha256_file(path),
+            estimator=describe(model),
+            n_features=getattr(model, "n_features_in_", None),
+            output_kinds=kinds,
+            predict=lambda rows: _reference_outputs(model, kinds, rows),
+            native=model,
+            versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__},
+        )
+
+    def convert(self, source: SourceModel, n_features: int, opsets: dict[str, int]) -> onnx.ModelProto:
+        from skl2onnx import to_onnx
+        from skl2onnx.common.data_types import FloatTensorType
+        from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
+
+        model = source.native
+        unsupported = _unsupported_parts(model)
+        if unsupported:
+            raise ConversionError(
+                f"skl2onnx cannot convert {', '.join(unsupported)} (in {source.estimator})",
+                f"replace it with a supported estimator ({SUPPORTED_LIST}) or register a custom "
+                "converter with skl2onnx.update_registered_converter",
+            )
+        from sklearn.base import is_classifier
+
+        options = {"zipmap": False} if is_classifier(model) else None
+        try:
+            return to_onnx(
+                model,
+                initial_types=[("X", FloatTensorType([None, n_features]))],
+                options=options,
+                target_opset=opsets,
+            )
+        except (MissingConverter, MissingShapeCalculator, RuntimeError, NotImplementedError,
+                TypeError, ValueError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConversionError(
+                f"skl2onnx failed on {source.estimator}: {reason}",
+                f"check the estimator's options against {SUPPORTED_LIST}; run with --debug for the traceback",
+            ) from err
+
+
+def describe(model: Any) -> str:
+    steps = getattr(model, "steps", None)
+    if steps:
+        return f"{type(model).__name__}({', '.join(describe(step) for _, step in steps)})"
+    return type(model).__name__
+
+
+def _load_skops(path: Path, trust: tuple[str, ...]) -> Any:
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
+        raise InputError(f"{path.name} is not a readable skops file ({err})",
+                         "re-save the model with skops.io.dump") from None
+    refused = [name for name in untrusted if name not in trust]
+    if refused:
+        flags = " ".join(f"--trust {name}" for name in refused)
+        raise InputError(
+            f"{path.name} holds types skops does not trust by default: {', '.join(refused)}",
+            f"review them, then pass {flags}",
+        )
+    try:
+        return sio.load(path, trusted=list(untrusted))
+    except Exception as err:  # skops raises many kinds of errors on a corrupt payload
+        raise InputError(f"{path.name} could not be loaded by skops ({type(err).__name__}: {err})",
+                         "re-save the model with skops.io.dump") from None
+
+
+def _load_pickle(path: Path) -> Any:
+    import joblib
+
+    try:
+        return joblib.load(path)
+    except Exception as err:  # unpickling fails in arbitrary ways on a corrupt file
+        raise InputError(f"{path.name} could not be unpickled ({type(err).__name__}: {err})",
+                         "check the file, or save the model with skops.io.dump") from None
+
+
+def _output_kinds(model: Any) -> tuple[OutputKind, ...]:
+    from sklearn.base import is_classifier
+
+    if is_classifier(model):
+        return ("label", "values")
+    return ("values",)
+
+
+def _reference_outputs(model: Any, kinds: tuple[OutputKind, ...], rows: np.ndarray) -> list[np.ndarray]:
+    """The original model's answers, in the order skl2onnx writes its outputs."""
+    if kinds == ("label", "values"):
+        scores = model.predict_proba(rows) if hasattr(model, "predict_proba") else model.decision_function(rows)
+        return [np.asarray(model.predict(rows)), np.asarray(scores)]
+    if hasattr(model, "predict"):
+        return [np.asarray(model.predict(rows))]
+    return [np.asarray(model.transform(rows))]
+
+
+def _unsupported_parts(model: Any) -> list[str]:
+    """Estimators inside ``model`` that skl2onnx has no converter for, named before it fails."""
+    from skl2onnx._supported_operators import sklearn_operator_name_map
+
+    containers = {"Pipeline", "FeatureUnion", "ColumnTransformer"}
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if node in ("drop", "passthrough", None):
+            return
+        name = type(node).__name__
+        if name == "Pipeline":
+            for _, step in node.steps:
+                walk(step)
+        elif name == "FeatureUnion":
+            for _, part in node.transformer_list:
+                walk(part)
+        elif name == "ColumnTransformer":
+            for _, part, _ in getattr(node, "transformers_", node.transformers):
+                walk(part)
+        elif type(node) not in sklearn_operator_name_map and name not in containers:
+            found.append(name)
+
+    walk(model)
+    return found

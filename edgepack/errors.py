@@ -1,0 +1,43 @@
+"""edgepack's error tree. The root lives in the runtime (it ships alone); the build side adds here.
+
+Every error carries a one-line message and a hint; ``edgepack.cli`` turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+from edgepack.runtime.errors import EdgepackError, ExitCode, InputError, IntegrityError
+
+__all__ = [
+    "BudgetExceeded",
+    "ConversionError",
+    "EdgepackError",
+    "ExitCode",
+    "InputError",
+    "IntegrityError",
+    "ParityError",
+    "UnsupportedHere",
+]
+
+
+class ConversionError(EdgepackError):
+    """The model could not be turned into ONNX."""
+
+    exit_code = ExitCode.CONVERSION
+
+
+class ParityError(EdgepackError):
+    """The ONNX model does not answer like the original, past tolerance."""
+
+    exit_code = ExitCode.PARITY
+
+
+class BudgetExceeded(EdgepackError):
+    """A latency, size or memory budget was exceeded."""
+
+    exit_code = ExitCode.BUDGET
+
+
+class UnsupportedHere(EdgepackError):
+    """The request is valid but this host cannot do it (another architecture, a missing extra)."""
+
+    exit_code = ExitCode.UNSUPPORTED_HERE

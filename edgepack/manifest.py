@@ -1,0 +1,94 @@
+"""The bundle manifest (contract): what the model is, where it came from, how it was checked.
+
+Only deterministic facts go here, so that the same inputs give a byte-identical bundle; timings
+live in the benchmark report written beside the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from edgepack.errors import IntegrityError
+from edgepack.runtime.bundle import SCHEMA_VERSION
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: str
+    dtype: str
+    shape: list[int | str]
+    features: list[str] | None = None
+
+
+class Source(_Strict):
+    framework: str
+    format: str
+    file: str
+    sha256: str
+    estimator: str
+    converter: str
+    versions: dict[str, str]
+
+
+class Target(_Strict):
+    profile: str
+    kind: Literal["cloud", "edge"]
+    arch: Literal["x86_64", "aarch64"]
+    cpus: int
+    memory_mb: int | None
+    threads: int
+    providers: list[str]
+    onnxruntime: str  # oldest onnxruntime the bundle is made for
+    opset: int
+    ir_version: int
+
+
+class VariantRecord(_Strict):
+    name: str
+    verdict: Literal["chosen", "dropped", "skipped"]
+    reason: str
+    sha256: str | None = None
+    size_bytes: int | None = None
+    accuracy: dict[str, Any] | None = None
+
+
+class FileEntry(_Strict):
+    path: str
+    sha256: str
+    size: int
+
+
+class Manifest(_Strict):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str  # content hash of the model file
+    model: str = "model.onnx"
+    bench_input: str | None = "bench_input.npz"
+    created_by: dict[str, str]
+    target: Target
+    source: Source
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    variant: str
+    variants: list[VariantRecord]
+    parity: dict[str, Any]
+    files: list[FileEntry]
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+
+
+def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise IntegrityError(f"{where}: manifest field {field}: {first['msg']}",
+                             "rebuild the bundle with this edgepack version") from None

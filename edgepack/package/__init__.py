@@ -1,0 +1,1 @@
+"""Writers for what a build delivers: edge bundles (and, later, OCI images)."""

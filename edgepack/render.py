@@ -1,0 +1,116 @@
+"""How results look in a terminal: progress on stderr, summaries on stdout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgepack.bench.profiles import Profile
+
+
+class ProgressReporter:
+    """Shows the running stage with a spinner and leaves a ✓ line per finished stage."""
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.console = console
+        self.enabled = enabled
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=console, transient=True)
+        self.task: Any = None
+
+    def __enter__(self) -> "ProgressReporter":
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def start(self, stage: str, text: str) -> None:
+        if self.enabled:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task(text)
+
+    def finish(self, stage: str, text: str) -> None:
+        if self.enabled:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+                self.task = None
+            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {text}", soft_wrap=True)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def render_build(console: Console, result: Any) -> None:
+    manifest = result.manifest
+    console.print()
+    console.print(f"[bold]edgepack build[/]: {manifest.source.file} → {result.profile.name} "
+                  f"([bold]{manifest.variant}[/] chosen)")
+    parity = result.parity
+    console.print(f"Parity ({parity.samples} rows, atol {parity.tolerance.atol:g}, rtol {parity.tolerance.rtol:g}): "
+                  + ("[green]passed[/]" if parity.passed else "[red]failed[/]") + " — "
+                  + "; ".join(d.describe() for d in parity.outputs), soft_wrap=True)
+    table = Table(title=f"Variants on {result.profile.name}", title_justify="left")
+    for column in ("variant", "size KiB", "accuracy vs fp32", "p50 ms", "p99 ms", "verdict", "why"):
+        table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
+    for row in result.variants:
+        bench = row.bench or {}
+        style = "bold green" if row.verdict == "chosen" else "dim" if row.verdict == "skipped" else ""
+        why = f"{row.reason} ({row.speed})" if row.speed else row.reason
+        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", row.accuracy,
+                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, why, style=style)
+    console.print(table)
+    latency = Table(title="Chosen variant per profile", title_justify="left")
+    for column in ("profile", "p50 ms", "p99 ms", "throughput/s", "limits here"):
+        latency.add_column(column)
+    if result.bench:
+        limits = ", ".join(f"{k}: {v.split(' (')[0]}" for k, v in result.bench["limits"].items())
+        latency.add_row(result.profile.name, _ms(result.bench["p50_ms"]), _ms(result.bench["p99_ms"]),
+                        f"{result.bench['throughput_per_s']:.0f}", limits)
+    else:
+        latency.add_row(result.profile.name, "-", "-", "-", "not measured: another architecture")
+    for name, why in result.not_measured.items():
+        if name != result.profile.name:
+            latency.add_row(name, "-", "-", "-", f"not measured: {why}")
+    console.print(latency)
+    console.print(f"Bundle: [bold]{result.bundle}[/] ({result.bundle_bytes / 1024:.0f} KiB, "
+                  f"sha256 {result.bundle_sha256[:16]}…); timings in {result.report}", soft_wrap=True)
+    console.print("Next steps:")
+    for step in result.next_steps:
+        console.print(f"  {step}", soft_wrap=True, markup=False)
+
+
+def render_bench(console: Console, report: dict[str, Any]) -> None:
+    bundle = report.get("bundle", {})
+    console.print(f"[bold]{bundle.get('name', report.get('model'))}[/] {bundle.get('version', '')} "
+                  f"({bundle.get('variant', '')}) on [bold]{report['profile']}[/] — {report['measured_on']}")
+    table = Table()
+    for column in ("runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "session ms",
+                   "first run ms", "peak RSS MB"):
+        table.add_column(column, justify="right")
+    table.add_row(str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]), _ms(report["p99_ms"]),
+                  _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}", f"{report['session_create_ms']:.1f}",
+                  f"{report['first_inference_ms']:.2f}", f"{report['peak_rss_mb']:.0f}")
+    console.print(table)
+    console.print(f"batch {report['batch']}, {report['input_source']} input; "
+                  f"{report['environment']['cpu_model']}, onnxruntime {report['environment']['onnxruntime']}")
+    for limit, state in report["limits"].items():
+        console.print(f"  {limit}: {state}", markup=False)
+
+
+def render_profiles(console: Console, profiles: list[Profile]) -> None:
+    table = Table()
+    for column in ("name", "kind", "arch", "cores", "memory MB", "threads", "onnxruntime", "here"):
+        table.add_column(column)
+    for p in profiles:
+        names = p.name + (f" ({', '.join(p.aliases)})" if p.aliases else "")
+        table.add_row(names, p.kind, p.arch, str(p.cpus or "all"), str(p.memory_mb or "-"),
+                      str(p.onnxruntime.threads or "all"), p.onnxruntime.version, p.emulation_summary())
+    console.print(table)

@@ -1,0 +1,248 @@
+"""The timing loop, used by ``edgepack bench`` here and by ``python -m runtime.bench`` on a device.
+
+One loop for both, so that numbers measured here and on a device are comparable. The loop does the
+least it can between two clock reads: a prebuilt feed, a bound ``run``, integer nanoseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import EdgepackError, InputError
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    warmup_runs: int = 20
+    warmup_s: float = 0.2
+    min_runs: int = 100
+    min_time_s: float = 1.0
+    max_time_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a device profile asks of the process that runs the model."""
+
+    threads: int | None = None  # None or 0: one per core
+    cpus: int | None = None  # cores to pin to; None or 0: no pinning
+    memory_mb: int | None = None
+
+
+@dataclass
+class Enforcement:
+    applied: dict[str, str] = field(default_factory=dict)
+
+    def enforced(self, limit: str, how: str) -> None:
+        self.applied[limit] = f"enforced ({how})"
+
+    def not_enforced(self, limit: str, why: str) -> None:
+        self.applied[limit] = f"not enforced ({why})"
+
+
+def time_runs(run: Callable[[], object], config: LoopConfig) -> list[int]:
+    """Warm up, then time ``run`` until enough runs and time have passed; nanoseconds per run."""
+    clock = time.perf_counter_ns
+    warm_until = clock() + int(config.warmup_s * 1e9)
+    done = 0
+    while done < config.warmup_runs or clock() < warm_until:
+        run()
+        done += 1
+    samples: list[int] = []
+    record = samples.append
+    start = clock()
+    min_ns, max_ns = int(config.min_time_s * 1e9), int(config.max_time_s * 1e9)
+    while True:
+        t0 = clock()
+        run()
+        t1 = clock()
+        record(t1 - t0)
+        elapsed = t1 - start
+        if (len(samples) >= config.min_runs and elapsed >= min_ns) or (
+            elapsed >= max_ns and len(samples) >= 5
+        ):
+            return samples
+
+
+def summarize(samples_ns: list[int], batch: int) -> dict[str, float]:
+    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {
+        "runs": int(ms.size),
+        "p50_ms": float(p50),
+        "p90_ms": float(p90),
+        "p99_ms": float(p99),
+        "mean_ms": float(ms.mean()),
+        "std_ms": float(ms.std()),
+        "min_ms": float(ms.min()),
+        "max_ms": float(ms.max()),
+        "throughput_per_s": float(batch * 1000.0 / ms.mean()),
+    }
+
+
+def apply_limits(limits: Limits) -> Enforcement:
+    """Apply what can be applied to this process before any session exists (threads inherit)."""
+    report = Enforcement()
+    if limits.threads:
+        report.enforced("threads", f"onnxruntime intra-op threads = {limits.threads}")
+    else:
+        report.enforced("threads", "onnxruntime default: one per core")
+    if not limits.cpus:
+        report.not_enforced("cpu_affinity", "the profile uses every core")
+    elif not hasattr(os, "sched_setaffinity"):
+        report.not_enforced("cpu_affinity", f"{platform.system()} has no sched_setaffinity")
+    else:
+        allowed = sorted(os.sched_getaffinity(0))
+        if limits.cpus > len(allowed):
+            report.not_enforced("cpu_affinity", f"the profile wants {limits.cpus} cores, this host allows {len(allowed)}")
+        else:
+            chosen = allowed[: limits.cpus]
+            os.sched_setaffinity(0, chosen)
+            report.enforced("cpu_affinity", f"pinned to CPU {','.join(map(str, chosen))}")
+    if limits.memory_mb is None:
+        report.not_enforced("memory", "the profile sets no memory limit")
+    else:
+        report.not_enforced("memory", f"{limits.memory_mb} MB is recorded, not applied: cgroup limits are not implemented yet")
+    report.not_enforced("cpu_quota", "cgroup CPU quota is not implemented yet")
+    return report
+
+
+def environment(threads: int | None) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    cpu_model, flags = _cpu_info()
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "providers": ort.get_available_providers(),
+        "cpu_model": cpu_model,
+        "cpu_flags": flags,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+    }
+
+
+def bench_model(
+    model: Path, sample: dict[str, np.ndarray] | None, limits: Limits, config: LoopConfig,
+    batch: int = 1, providers: list[str] | None = None,
+) -> dict[str, Any]:
+    """Cold start, then the loop; a JSON-ready report. Call in a fresh process for clean memory figures."""
+    from .session import create_session, make_feed, peak_rss_mb
+
+    enforcement = apply_limits(limits)
+    rss_before = peak_rss_mb()
+    session, create_s = create_session(model, limits.threads, providers=providers)
+    feed, source = make_feed(session, sample, batch)
+    run = session.run
+    started = time.perf_counter()
+    run(None, feed)
+    first_s = time.perf_counter() - started
+    samples = time_runs(lambda: run(None, feed), config)
+    stats = summarize(samples, batch)
+    peak = peak_rss_mb()
+    return {
+        **stats,
+        "batch": batch,
+        "input_source": source,
+        "input_shapes": {name: list(array.shape) for name, array in feed.items()},
+        "session_create_ms": create_s * 1000,
+        "first_inference_ms": first_s * 1000,
+        "peak_rss_mb": peak,
+        "session_rss_mb": None if peak is None or rss_before is None else peak - rss_before,
+        "model_bytes": model.stat().st_size,
+        "limits": enforcement.applied,
+        "loop": asdict(config),
+        "environment": environment(limits.threads),
+        "measured_on": "this host",
+    }
+
+
+def _cpu_info() -> tuple[str, list[str]]:
+    interesting = {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "asimd", "asimddp", "sve"}
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return model, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and value.strip():
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags |= interesting & set(value.split())
+    return model, sorted(flags)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime.bench",
+        description="Benchmark a bundle's model with edgepack's timing loop; prints a JSON report.",
+    )
+    parser.add_argument("--bundle", type=Path, help="unpacked bundle folder (default: the one holding this runtime)")
+    parser.add_argument("--model", type=Path, help="benchmark this ONNX file instead of a bundle (no checksums)")
+    parser.add_argument("--input", type=Path, help=".npz of sample inputs for --model")
+    parser.add_argument("--threads", type=int, help="intra-op threads, 0 = one per core (default: the bundle's target)")
+    parser.add_argument("--cpus", type=int, help="pin to this many cores, 0 = no pinning (default: the bundle's target)")
+    parser.add_argument("--memory-mb", type=int, help="the profile's memory limit, for the report")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--min-runs", type=int, default=LoopConfig.min_runs)
+    parser.add_argument("--min-time", type=float, default=LoopConfig.min_time_s)
+    parser.add_argument("--max-time", type=float, default=LoopConfig.max_time_s)
+    parser.add_argument("--warmup-runs", type=int, default=LoopConfig.warmup_runs)
+    parser.add_argument("--random-input", action="store_true", help="ignore the sample data")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .bundle import verify_dir
+    from .session import load_inputs
+
+    args = _parser().parse_args(argv)
+    try:
+        target: dict[str, Any] = {}
+        if args.model is not None:
+            if not args.model.is_file():
+                raise InputError(f"{args.model}: no such model file", "check the path")
+            model, sample_path, name = args.model, args.input, args.model.stem
+        else:
+            root = args.bundle or Path(__file__).resolve().parent.parent
+            manifest = verify_dir(root).manifest
+            model, name = root / manifest["model"], manifest["name"]
+            sample_path = root / manifest["bench_input"] if manifest.get("bench_input") else None
+            target = manifest.get("target", {})
+        sample = None if args.random_input or sample_path is None else load_inputs(sample_path)
+        limits = Limits(
+            threads=args.threads if args.threads is not None else target.get("threads"),
+            cpus=args.cpus if args.cpus is not None else target.get("cpus"),
+            memory_mb=args.memory_mb if args.memory_mb is not None else target.get("memory_mb"),
+        )
+        config = LoopConfig(
+            warmup_runs=args.warmup_runs, min_runs=args.min_runs,
+            min_time_s=args.min_time, max_time_s=args.max_time,
+        )
+        report = bench_model(model, sample, limits, config, batch=args.batch,
+                             providers=target.get("providers"))
+        report["model"] = name
+    except EdgepackError as err:
+        print(json.dumps({"error": err.one_line(), "exit_code": int(err.exit_code)}), file=sys.stderr)
+        return int(err.exit_code)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""The root of edgepack's error tree and its exit codes.
+
+It lives in the runtime because the runtime ships alone inside bundles and images and must report
+failures with the same codes as the build side; the build side extends this tree in
+``edgepack.errors``.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    BAD_INPUT = 3
+    CONVERSION = 4
+    PARITY = 5
+    BUDGET = 6
+    INTEGRITY = 7
+    UNSUPPORTED_HERE = 8
+
+
+class EdgepackError(Exception):
+    """A failure the user can act on: ``str(err)`` says what is wrong, ``hint`` what to do."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InputError(EdgepackError):
+    """A file, flag or data the user gave is missing, malformed or inconsistent."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+class IntegrityError(EdgepackError):
+    """A bundle is tampered, truncated or unsafe to unpack."""
+
+    exit_code = ExitCode.INTEGRITY

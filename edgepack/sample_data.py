@@ -1,0 +1,93 @@
+"""Sample data: the rows that fix a model's input signature and feed parity checks and benchmarks."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgepack.errors import InputError
+
+RANDOM_ROWS = 256
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+@dataclass(frozen=True)
+class SampleData:
+    rows: np.ndarray  # 2-D float32: (samples, features)
+    feature_names: tuple[str, ...]
+    origin: str  # "file.npy", "file.csv" or "random"
+
+    @property
+    def n_features(self) -> int:
+        return int(self.rows.shape[1])
+
+
+def read_sample(path: Path) -> SampleData:
+    if not path.is_file():
+        raise InputError(f"{path}: no such sample file", "pass --sample with a .npy or .csv file of input rows")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            rows = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(f"{path}: not a readable .npy array ({err})", "save it with numpy.save") from None
+        names: tuple[str, ...] = ()
+    elif suffix == ".csv":
+        rows, names = _read_csv(path)
+    else:
+        raise InputError(f"{path}: sample files must be .npy or .csv, not {suffix or 'no suffix'}",
+                         "save the rows with numpy.save or as CSV with a header")
+    if rows.ndim == 1:
+        rows = rows.reshape(-1, 1)
+    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
+        raise InputError(f"{path}: expected a 2-D table of rows, got shape {rows.shape}",
+                         "give one row per sample and one column per feature")
+    if not np.issubdtype(rows.dtype, np.number):
+        raise InputError(f"{path}: sample data must be numeric, got {rows.dtype}", "encode the features as numbers")
+    if not np.isfinite(rows).all():
+        raise InputError(f"{path}: sample data has NaN or infinite values", "clean the sample rows")
+    names = names or tuple(f"f{i}" for i in range(rows.shape[1]))
+    return SampleData(np.ascontiguousarray(rows, dtype=np.float32), names, path.name)
+
+
+def random_sample(shape: str, dtype: str, seed: int = 0) -> SampleData:
+    """Rows of the given feature shape (``64`` or ``1,64``), for when no sample file exists."""
+    try:
+        dims = [int(d) for d in shape.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        raise InputError(f"--input-shape {shape!r} is not a list of integers", "write e.g. --input-shape 64") from None
+    features = dims[-1] if dims else 0
+    if features <= 0 or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape {shape!r} has no positive feature count", "write e.g. --input-shape 64")
+    if dtype not in _DTYPES:
+        raise InputError(f"--input-dtype {dtype!r} is not supported", f"use one of {', '.join(_DTYPES)}")
+    rows = np.random.default_rng(seed).standard_normal((RANDOM_ROWS, features)).astype(np.float32)
+    return SampleData(rows, tuple(f"f{i}" for i in range(features)), "random")
+
+
+def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        table = [row for row in csv.reader(handle) if row]
+    if not table:
+        raise InputError(f"{path}: the CSV file is empty", "add a header and rows")
+    header, body = table[0], table[1:]
+    if _numeric(header):
+        header, body = [], table
+    try:
+        rows = np.array([[float(cell) for cell in row] for row in body], dtype=np.float64)
+    except ValueError as err:
+        raise InputError(f"{path}: non-numeric cell ({err})", "encode the features as numbers") from None
+    if len({len(row) for row in body}) > 1:
+        raise InputError(f"{path}: rows have different numbers of columns", "fix the CSV")
+    return rows, tuple(header)
+
+
+def _numeric(cells: list[str]) -> bool:
+    try:
+        [float(c) for c in cells]
+    except ValueError:
+        return False
+    return True

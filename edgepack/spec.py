@@ -1,0 +1,58 @@
+"""BuildSpec: everything a build needs to know, typed and validated before any work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgepack.errors import InputError
+from edgepack.quantize import VARIANTS_FOR_MODE, QuantizeMode
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    model: Path
+    target: str = "edge"
+    sample: Path | None = None
+    input_shape: str | None = None
+    input_dtype: str = "float32"
+    out: Path = Path("dist")
+    name: str | None = None
+    quantize: QuantizeMode = "auto"
+    allow_pickle: bool = False
+    trust: tuple[str, ...] = ()
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_agreement: float = 0.99
+    batch: int = 1
+    bench_time_s: float = 1.0
+    max_p99_ms: float | None = None
+    max_size_mb: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample is None and self.input_shape is None:
+            raise InputError("no input signature: neither --sample nor --input-shape was given",
+                             "pass --sample rows.npy (best: parity runs on real data) or --input-shape 64")
+        if self.quantize not in VARIANTS_FOR_MODE:
+            raise InputError(f"--quantize {self.quantize!r} is not a mode",
+                             f"choose one of {', '.join(VARIANTS_FOR_MODE)}")
+        for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if value < 0:
+                raise InputError(f"{flag} must be >= 0, got {value}", "give a non-negative tolerance")
+        if not 0 <= self.min_agreement <= 1:
+            raise InputError(f"--min-agreement must be within 0..1, got {self.min_agreement}", "e.g. 0.99")
+        if self.batch < 1 or self.bench_time_s <= 0:
+            raise InputError("--batch and --bench-time must be positive", "e.g. --batch 1 --bench-time 1")
+        if self.name is not None and not _NAME.match(self.name):
+            raise InputError(f"--name {self.name!r} is not a valid bundle name",
+                             "use lowercase letters, digits, '.', '_' or '-' (at most 64)")
+
+    @property
+    def bundle_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = re.sub(r"[^a-z0-9._-]+", "-", self.model.stem.lower()).strip("-._")
+        return stem[:64] or "model"

@@ -1,0 +1,118 @@
+"""Parity and accuracy checks: how closely one model's outputs follow another's, per output."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+from edgepack.convert.base import OutputKind
+
+ValuesRule = Literal["allclose", "relative_rmse"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_label_agreement: float = 1.0
+    values_rule: ValuesRule = "allclose"
+    max_relative_rmse: float = 0.05  # RMSE over the spread of the reference, for "relative_rmse"
+    gate_values_with_labels: bool = True  # a classifier's scores are gated too, not only its labels
+
+
+# fp32 ONNX against the original: float32 against float64 arithmetic.
+PARITY = Tolerance()
+# A quantized variant against fp32: labels must agree; scores of a classifier are reported, not gated.
+VARIANT = Tolerance(min_label_agreement=0.99, values_rule="relative_rmse", gate_values_with_labels=False)
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    name: str
+    kind: OutputKind
+    max_abs: float
+    max_rel: float
+    relative_rmse: float
+    beyond_tolerance: int  # elements (values) or samples (labels) that failed
+    agreement: float | None  # labels only
+    gated: bool
+    passed: bool
+
+    def describe(self) -> str:
+        if self.kind == "label":
+            return f"{self.name}: label agreement {self.agreement:.2%} ({self.beyond_tolerance} differ)"
+        return (f"{self.name}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
+                f"{self.beyond_tolerance} element(s) beyond tolerance")
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    samples: int
+    tolerance: Tolerance
+    outputs: tuple[OutputDiff, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(diff.passed for diff in self.outputs)
+
+    def failures(self) -> list[str]:
+        return [diff.describe() for diff in self.outputs if not diff.passed]
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "samples": self.samples, "tolerance": asdict(self.tolerance),
+                "outputs": [asdict(diff) for diff in self.outputs]}
+
+
+def compare(
+    reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], names: Sequence[str],
+    kinds: Sequence[OutputKind], tolerance: Tolerance,
+) -> ParityReport:
+    has_labels = "label" in kinds
+    diffs = []
+    for ref, got, name, kind in zip(reference, candidate, names, kinds):
+        if kind == "label":
+            diffs.append(_compare_labels(np.asarray(ref), np.asarray(got), name, tolerance))
+        else:
+            gated = tolerance.gate_values_with_labels or not has_labels
+            diffs.append(_compare_values(np.asarray(ref), np.asarray(got), name, tolerance, gated))
+    return ParityReport(samples=len(reference[0]) if reference else 0, tolerance=tolerance, outputs=tuple(diffs))
+
+
+def _compare_labels(ref: np.ndarray, got: np.ndarray, name: str, tol: Tolerance) -> OutputDiff:
+    ref, got = ref.reshape(-1), got.reshape(-1)
+    if ref.dtype.kind in "fc" or got.dtype.kind in "fc":
+        same = np.isclose(ref.astype(np.float64), got.astype(np.float64))
+    else:
+        same = ref.astype(str) == got.astype(str)
+    agreement = float(same.mean()) if same.size else 1.0
+    return OutputDiff(name, "label", 0.0, 0.0, 0.0, int((~same).sum()), agreement, True,
+                      agreement >= tol.min_label_agreement)
+
+
+def _compare_values(ref: np.ndarray, got: np.ndarray, name: str, tol: Tolerance, gated: bool) -> OutputDiff:
+    ref = ref.astype(np.float64)
+    got = got.astype(np.float64)
+    if ref.shape != got.shape:
+        # A binary decision_function is (n,), skl2onnx writes (n, 2) scores of which column 1 matches.
+        if ref.ndim == 1 and got.ndim == 2 and got.shape[1] == 2:
+            got = got[:, 1]
+        elif ref.size == got.size:
+            got = got.reshape(ref.shape)
+        else:
+            return OutputDiff(name, "values", float("inf"), float("inf"), float("inf"), int(ref.size),
+                              None, gated, False)
+    err = np.abs(ref - got)
+    beyond = int((err > tol.atol + tol.rtol * np.abs(ref)).sum())
+    significant = np.abs(ref) > tol.atol
+    max_rel = float((err[significant] / np.abs(ref[significant])).max()) if significant.any() else 0.0
+    spread = float(ref.std()) or 1.0
+    relative_rmse = float(np.sqrt(np.mean(err**2)) / spread) if err.size else 0.0
+    if tol.values_rule == "allclose":
+        ok = beyond == 0
+    else:
+        ok = relative_rmse <= tol.max_relative_rmse
+        beyond = 0 if ok else beyond
+    return OutputDiff(name, "values", float(err.max()) if err.size else 0.0, max_rel, relative_rmse,
+                      beyond, None, gated, ok or not gated)

@@ -1,0 +1,39 @@
+"""Train the bundled example: a digits classifier (StandardScaler + 2x512 MLP), saved with skops.
+
+    python examples/make_digits_mlp.py      # writes examples/digits_mlp.skops and digits_sample.npy
+
+Deterministic: scikit-learn's bundled digits data, a fixed seed and the lbfgs solver (which, unlike
+adam, keeps no optimizer object, so every type in the file is on skops' default trust list).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import skops.io as sio
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    features, labels = load_digits(return_X_y=True)
+    features = features.astype(np.float32)
+    train_x, test_x, train_y, test_y = train_test_split(features, labels, test_size=0.25, random_state=0)
+    model = make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(512, 512), solver="lbfgs", max_iter=300, random_state=0),
+    ).fit(train_x, train_y)
+    sio.dump(model, HERE / "digits_mlp.skops")
+    np.save(HERE / "digits_sample.npy", test_x)
+    print(f"digits_mlp.skops: test accuracy {model.score(test_x, test_y):.3f}; "
+          f"digits_sample.npy: {test_x.shape[0]} rows x {test_x.shape[1]} features")
+
+
+if __name__ == "__main__":
+    main()
