@@ -188,7 +188,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         next_steps=[
             f"edgepack verify {bundle}",
             f"edgepack bench {bundle} --profile {profile.name}",
-            f"tar xzf {bundle.name} && cd {root} && python -m runtime.bench   # on the device",
+            f"tar xzf {bundle} && cd {root} && python -m runtime.bench   # on the device",
         ],
     )
 
@@ -270,7 +270,7 @@ def _select(rows: list[VariantRow], profile: Profile, spec: BuildSpec) -> Varian
             "fp32 only" if spec.quantize == "none" else "no other variant applies")
     elif best.bench:
         best.reason = f"fastest accurate variant on {profile.name}"
-        baseline.reason = "baseline"
+        baseline.reason = f"baseline; {best.name} is faster"
     for row in rows:
         if row is not best and row.verdict != "skipped":
             row.verdict = "dropped"
@@ -282,7 +282,7 @@ def _check_latency_budget(chosen: VariantRow, profile: Profile, spec: BuildSpec)
     if limit and chosen.bench and chosen.bench["p99_ms"] > limit:
         raise BudgetExceeded(
             f"p99 latency {chosen.bench['p99_ms']:.3f} ms on {profile.name} exceeds the budget of {limit:g} ms",
-            "try --quantize auto, a smaller model, or raise --max-p99-ms",
+            "use a faster variant (--quantize auto), a smaller model, or raise --max-p99-ms",
         )
 
 

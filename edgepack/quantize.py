@@ -16,6 +16,7 @@ VARIANTS_FOR_MODE: dict[str, tuple[str, ...]] = {
     "int8-dynamic": ("fp32", "int8-dynamic"),
     "auto": ("fp32", "int8-dynamic"),
 }
+_QUANTIZABLE_OPS = {"MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU"}
 _QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QLinearConv",
                   "DynamicQuantizeLinear"}
 
@@ -41,8 +42,15 @@ def make_variants(fp32_path: Path, mode: QuantizeMode, workdir: Path) -> list[Va
 def _int8_dynamic(source: Path, target: Path) -> Variant:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_quantizer():
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    # Tree and linear models become ai.onnx.ml operators, which int8 does not touch (and the
+    # quantizer refuses a graph without the default domain): say so instead of failing.
+    if not {node.op_type for node in onnx.load(source, load_external_data=False).graph.node} & _QUANTIZABLE_OPS:
+        return Variant("int8-dynamic", None, "no quantizable operators (MatMul, Gemm, Conv) in the model")
+    try:
+        with _quiet_quantizer():
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    except Exception as err:  # the quantizer fails in many ways on graphs it does not expect
+        return Variant("int8-dynamic", None, f"onnxruntime's quantizer failed: {type(err).__name__}: {err}")
     ops = {node.op_type for node in onnx.load(target, load_external_data=False).graph.node}
     if not ops & _QUANTIZED_OPS:
         target.unlink()

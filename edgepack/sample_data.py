@@ -76,12 +76,13 @@ def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     header, body = table[0], table[1:]
     if _numeric(header):
         header, body = [], table
+    widths = {len(row) for row in body} | ({len(header)} if header else set())
+    if len(widths) > 1:
+        raise InputError(f"{path}: rows have different numbers of columns ({sorted(widths)})", "fix the CSV")
     try:
         rows = np.array([[float(cell) for cell in row] for row in body], dtype=np.float64)
     except ValueError as err:
         raise InputError(f"{path}: non-numeric cell ({err})", "encode the features as numbers") from None
-    if len({len(row) for row in body}) > 1:
-        raise InputError(f"{path}: rows have different numbers of columns", "fix the CSV")
     return rows, tuple(header)
 
 

@@ -68,16 +68,24 @@ class SklearnConverter:
             )
         from sklearn.base import is_classifier
 
-        options = {"zipmap": False} if is_classifier(model) else None
+        def run(options: dict | None) -> onnx.ModelProto:
+            return to_onnx(model, initial_types=[("X", FloatTensorType([None, n_features]))],
+                           options=options, target_opset=opsets)
+
         try:
-            return to_onnx(
-                model,
-                initial_types=[("X", FloatTensorType([None, n_features]))],
-                options=options,
-                target_opset=opsets,
-            )
-        except (MissingConverter, MissingShapeCalculator, RuntimeError, NotImplementedError,
-                TypeError, ValueError) as err:
+            if not is_classifier(model):
+                return run(None)
+            try:
+                # A tensor of probabilities rather than a list of dicts (ZipMap): what clients want.
+                return run({"zipmap": False})
+            except NameError as err:  # classifiers without probabilities (LinearSVC) have no zipmap
+                if "zipmap" not in str(err):
+                    raise
+                return run(None)
+        except (MissingConverter, MissingShapeCalculator) as err:
+            raise ConversionError(f"skl2onnx has no converter for a part of {source.estimator}",
+                                  f"see {SUPPORTED_LIST}") from err
+        except Exception as err:  # skl2onnx reports option and shape problems with many types
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConversionError(
                 f"skl2onnx failed on {source.estimator}: {reason}",

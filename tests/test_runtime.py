@@ -1,0 +1,91 @@
+"""The shipped runtime: standalone imports, the timing loop, and the on-device benchmark."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgepack.runtime
+from edgepack.runtime.bench import LoopConfig, summarize, time_runs
+from edgepack.runtime.bundle import extract_archive
+
+RUNTIME = Path(edgepack.runtime.__file__).parent
+ALLOWED_TOP_LEVEL = {"numpy", "onnxruntime", "resource"}
+
+
+def test_runtime_sources_import_nothing_from_the_build_side():
+    stdlib = set(sys.stdlib_module_names)
+    for path in RUNTIME.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in stdlib or top in ALLOWED_TOP_LEVEL or top == "__future__", f"{path.name} imports {name}"
+
+
+def test_runtime_runs_alone_from_an_unpacked_bundle(built_bundle, tmp_path):
+    """What a device does: only the bundle folder on the path, no edgepack installed there."""
+    root = extract_archive(built_bundle, tmp_path)
+    probe = ("import sys, json, runtime.bench, runtime.bundle, runtime.__main__;"
+             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('edgepack','skl2onnx','sklearn','onnx','typer','rich','pydantic','skops'))))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, '.'); {probe}"],
+                          cwd=root, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+    bench = subprocess.run([sys.executable, "-m", "runtime.bench", "--min-time", "0.2"], cwd=root,
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    assert report["model"] == "classifier" and report["input_source"] == "sample"
+    assert report["runs"] >= 100 and 0 < report["p50_ms"] <= report["p99_ms"]
+    assert report["limits"]["threads"] == "enforced (onnxruntime intra-op threads = 1)"
+
+    launcher = subprocess.run(["./run", "verify"], cwd=root, capture_output=True, text=True, env=env, timeout=120)
+    assert launcher.returncode == 0 and "files verified" in launcher.stdout
+
+    (root / "model.onnx").write_bytes(b"tampered")
+    refused = subprocess.run([sys.executable, "-m", "runtime.bench"], cwd=root, capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert refused.returncode == 7
+    assert "checksum mismatch for model.onnx" in json.loads(refused.stderr)["error"]
+
+
+def test_time_runs_honours_minimums():
+    calls = []
+    samples = time_runs(lambda: calls.append(1), LoopConfig(warmup_runs=5, warmup_s=0.0, min_runs=50,
+                                                            min_time_s=0.01, max_time_s=5))
+    assert len(samples) >= 50 and len(calls) == len(samples) + 5  # warm-up runs are not timed
+    assert all(isinstance(s, int) and s >= 0 for s in samples)
+
+
+def test_time_runs_stops_at_the_time_budget():
+    import time
+
+    samples = time_runs(lambda: time.sleep(0.01), LoopConfig(warmup_runs=1, warmup_s=0.0, min_runs=10_000,
+                                                             min_time_s=0.0, max_time_s=0.2))
+    assert 5 <= len(samples) < 100
+
+
+def test_summarize_matches_numpy():
+    samples = [int(x) for x in np.random.default_rng(0).integers(1_000, 2_000_000, size=1001)]
+    stats = summarize(samples, batch=4)
+    ms = np.array(samples) / 1e6
+    assert stats["runs"] == 1001
+    assert stats["p50_ms"] == pytest.approx(np.median(ms))
+    assert stats["p99_ms"] == pytest.approx(np.percentile(ms, 99))
+    assert stats["throughput_per_s"] == pytest.approx(4000 / ms.mean())
