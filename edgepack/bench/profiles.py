@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from functools import cache
@@ -17,7 +18,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TARGETS_DIR = Path(__file__).resolve().parents[2] / "targets"
+# The repository's targets/ (editable installs), unless EDGEPACK_TARGETS points elsewhere.
+TARGETS_DIR = Path(os.environ.get("EDGEPACK_TARGETS") or Path(__file__).resolve().parents[2] / "targets")
 _MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
 
 
@@ -97,7 +99,11 @@ def load_profile_file(path: Path) -> Profile:
 @cache
 def builtin_profiles() -> dict[str, Profile]:
     profiles: dict[str, Profile] = {}
-    for path in sorted(TARGETS_DIR.glob("*.toml")):
+    files = sorted(TARGETS_DIR.glob("*.toml"))
+    if not files:
+        raise InputError(f"no device profiles found in {TARGETS_DIR}",
+                         "install edgepack from its repository (pip install -e .) or set EDGEPACK_TARGETS")
+    for path in files:
         profile = load_profile_file(path)
         for key in (profile.name, *profile.aliases):
             if key in profiles:
