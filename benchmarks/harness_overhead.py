@@ -73,7 +73,7 @@ def main() -> None:
             profile = resolve_profile(name)
             ours, raw = [], []
             for _ in range(args.rounds):
-                report = bench_bundle(result.bundle, profile, BenchSettings(min_time_s=args.seconds))
+                report = bench_bundle(result.bundle, profile, BenchSettings.timed(args.seconds))
                 ours.append(report["p50_ms"])
                 raw.append(raw_loop_p50(model, rows, profile.onnxruntime.threads, profile.cpus, args.seconds))
             ratio = statistics.median(ours) / statistics.median(raw)

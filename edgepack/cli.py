@@ -165,7 +165,7 @@ def bench(
 
     if batch < 1 or bench_time <= 0:
         raise typer.BadParameter("--batch and --bench-time must be positive")
-    report = bench_bundle(bundle, resolve_profile(profile), BenchSettings(batch=batch, min_time_s=bench_time))
+    report = bench_bundle(bundle, resolve_profile(profile), BenchSettings.timed(bench_time, batch=batch))
     if json_out:
         print(json.dumps(report, indent=2))
     else:

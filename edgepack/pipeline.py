@@ -28,7 +28,7 @@ from edgepack.package.bundle import assemble, file_entries, payload_with_runtime
 from edgepack.package.npz import npz_bytes
 from edgepack.quantize import Variant, make_variants
 from edgepack.runtime.bundle import verify_archive
-from edgepack.runtime.session import create_session
+from edgepack.runtime.session import create_session, numpy_dtype
 from edgepack.sample_data import SampleData, random_sample, read_sample
 from edgepack.spec import BuildSpec
 from edgepack.validate import PARITY, VARIANT, ParityReport, Tolerance, compare
@@ -151,7 +151,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         bench_sample = {names_in: sample.rows[:BENCH_ROWS] for names_in in _input_names(fp32_path)}
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
-        settings = BenchSettings(batch=spec.batch, min_time_s=spec.bench_time_s)
+        settings = BenchSettings.timed(spec.bench_time_s, batch=spec.batch)
         if profile.runnable_here():
             for row, variant in zip(rows, variants):
                 if row.verdict != "candidate":
@@ -327,9 +327,8 @@ def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: Sa
 
 
 def _dtype(onnx_type: str) -> str:
-    return {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
-            "tensor(int32)": "int32", "tensor(string)": "string", "tensor(bool)": "bool",
-            "tensor(float16)": "float16"}.get(onnx_type, onnx_type)
+    dtype = numpy_dtype(onnx_type)
+    return "string" if dtype is np.str_ else np.dtype(dtype).name
 
 
 def _shape(dims: list[Any]) -> list[int | str]:

@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from edgepack.bench.profiles import Profile
 from edgepack.errors import EdgepackError, IntegrityError
+from edgepack.runtime.bench import LoopConfig
 
 _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
 
@@ -25,9 +26,11 @@ _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
 @dataclass(frozen=True)
 class BenchSettings:
     batch: int = 1
-    min_time_s: float = 1.0
-    min_runs: int = 100
-    max_time_s: float = 10.0
+    loop: LoopConfig = LoopConfig()
+
+    @classmethod
+    def timed(cls, seconds: float, batch: int = 1) -> "BenchSettings":
+        return cls(batch=batch, loop=replace(LoopConfig(), min_time_s=seconds))
 
 
 def bench_onnx(model: Path, sample: dict[str, np.ndarray] | None, profile: Profile,
@@ -55,15 +58,16 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings) -> dict[str
         "--threads", str(profile.onnxruntime.threads),
         "--cpus", str(profile.cpus),
         "--batch", str(settings.batch),
-        "--min-time", str(settings.min_time_s),
-        "--min-runs", str(settings.min_runs),
-        "--max-time", str(settings.max_time_s),
+        "--warmup-runs", str(settings.loop.warmup_runs),
+        "--min-time", str(settings.loop.min_time_s),
+        "--min-runs", str(settings.loop.min_runs),
+        "--max-time", str(settings.loop.max_time_s),
     ]
     if profile.memory_mb:
         command += ["--memory-mb", str(profile.memory_mb)]
     try:
         done = subprocess.run(command, capture_output=True, text=True,
-                              timeout=settings.max_time_s + _SLACK_S, check=False)
+                              timeout=settings.loop.max_time_s + _SLACK_S, check=False)
     except subprocess.TimeoutExpired:
         raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
                             "lower --bench-time or check the model") from None
