@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.session import create_session, numpy_dtype
 from edgepack.sample_data import SampleData, random_sample, read_sample
 from edgepack.spec import BuildSpec
-from edgepack.validate import PARITY, VARIANT, ParityReport, Tolerance, compare
+from edgepack.validate import PARITY, VARIANT, ParityReport, compare
 
 BENCH_ROWS = 16  # sample rows shipped in the bundle for the on-device benchmark
 # A variant must beat fp32's median by this much to be chosen: smaller gains are within noise.
@@ -132,7 +132,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
         reporter.start("parity", f"Checking parity on {len(sample.rows)} {sample.origin} rows")
         names, fp32_outputs = _run(fp32_path, sample.rows)
-        tolerance = Tolerance(atol=spec.atol, rtol=spec.rtol, min_label_agreement=PARITY.min_label_agreement)
+        tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol)
         parity = compare(source.predict(sample.rows.astype(np.float64)), fp32_outputs, names,
                          source.output_kinds, tolerance)
         if not parity.passed:
@@ -216,9 +216,7 @@ def _input_names(model: Path) -> list[str]:
 def _check_variants(variants: list[Variant], names: list[str], fp32_outputs: list[np.ndarray],
                     source: SourceModel, sample: SampleData, spec: BuildSpec) -> list[VariantRow]:
     rows = [VariantRow("fp32", variants[0].size_bytes, "reference", "candidate", "baseline")]
-    tolerance = Tolerance(min_label_agreement=spec.min_agreement, values_rule=VARIANT.values_rule,
-                          max_relative_rmse=VARIANT.max_relative_rmse,
-                          gate_values_with_labels=VARIANT.gate_values_with_labels)
+    tolerance = replace(VARIANT, min_label_agreement=spec.min_agreement)
     for variant in variants[1:]:
         if variant.path is None:
             rows.append(VariantRow(variant.name, None, "-", "skipped", variant.skipped or "not made"))
@@ -257,7 +255,7 @@ def _select(rows: list[VariantRow], profile: Profile, spec: BuildSpec) -> Varian
         row.speed = f"p50 {ratio:.2f}x of fp32"
         if ratio >= 1 - FASTER_MARGIN:
             row.reason = f"not faster than fp32 on {profile.name}"
-        elif best is baseline or row.bench["p50_ms"] < (best.bench or {})["p50_ms"]:
+        elif row.bench["p50_ms"] < best.bench["p50_ms"]:  # type: ignore[index]
             best = row
     for row in candidates:
         if row is best:
@@ -266,7 +264,8 @@ def _select(rows: list[VariantRow], profile: Profile, spec: BuildSpec) -> Varian
             row.reason = f"accurate, but slower than {best.name}"
     best.verdict = "chosen"
     if best is baseline:
-        baseline.reason = "no variant was faster and accurate enough" if candidates else (
+        tried = any(r.verdict != "skipped" for r in rows[1:])
+        baseline.reason = "no variant was faster and accurate enough" if tried else (
             "fp32 only" if spec.quantize == "none" else "no other variant applies")
     elif best.bench:
         best.reason = f"fastest accurate variant on {profile.name}"
