@@ -26,7 +26,7 @@ from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityE
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
-from edgepack.quantize import Variant, make_variants
+from edgepack.quantize import Variant, canonicalize, make_variants
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.session import create_session, numpy_dtype
 from edgepack.sample_data import SampleData, random_sample, read_sample
@@ -118,6 +118,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     reporter.start("convert", f"Converting to ONNX (opset {opset})")
     model = converter.convert(source, sample.n_features, {"": opset, "ai.onnx.ml": ml_opset})
     clamp_ir_version(model, ir_version)
+    canonicalize(model)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as err:

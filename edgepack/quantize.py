@@ -51,11 +51,24 @@ def _int8_dynamic(source: Path, target: Path) -> Variant:
             quantize_dynamic(source, target, weight_type=QuantType.QInt8)
     except Exception as err:  # the quantizer fails in many ways on graphs it does not expect
         return Variant("int8-dynamic", None, f"onnxruntime's quantizer failed: {type(err).__name__}: {err}")
-    ops = {node.op_type for node in onnx.load(target, load_external_data=False).graph.node}
-    if not ops & _QUANTIZED_OPS:
+    model = onnx.load(target, load_external_data=False)
+    if not {node.op_type for node in model.graph.node} & _QUANTIZED_OPS:
         target.unlink()
         return Variant("int8-dynamic", None, "no quantizable operators (MatMul, Gemm, Conv) in the model")
+    canonicalize(model)
+    target.write_bytes(model.SerializeToString())
     return Variant("int8-dynamic", target)
+
+
+def canonicalize(model: onnx.ModelProto) -> None:
+    """Order what tools write in set order, so the same inputs give the same bytes in any process.
+
+    onnxruntime's quantizer rebuilds ``opset_import`` from a set, whose order follows the
+    per-process string hash seed.
+    """
+    imports = sorted(model.opset_import, key=lambda entry: entry.domain)
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
 
 
 _MAKERS = {"int8-dynamic": _int8_dynamic}

@@ -48,6 +48,27 @@ def test_building_twice_gives_identical_bytes(spec_for, tmp_path):
     assert {(info.uid, info.gid, info.uname, info.mtime) for info, _ in _members(first.bundle)} == {(0, 0, "", 0)}
 
 
+def test_identical_across_processes_with_different_hash_seeds(data_dir, tmp_path):
+    """Set and dict order inside converters and quantizers must not leak into the bytes."""
+    import os
+    import subprocess
+    import sys
+
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        done = subprocess.run(
+            [sys.executable, "-m", "edgepack", "build", str(data_dir / "classifier.skops"), "--sample",
+             str(data_dir / "sample.npy"), "--quantize", "int8-dynamic", "--target", "edge-arm64-4c-4gb",
+             "--out", str(out), "--quiet", "--json"],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout)
+        assert summary["variant"] == "int8-dynamic"
+        digests.add(summary["bundle_sha256"])
+    assert len(digests) == 1
+
+
 def test_source_date_epoch_sets_entry_times(spec_for, tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     result = build(spec_for("regressor.skops", quantize="none"))
