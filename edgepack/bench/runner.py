@@ -46,6 +46,24 @@ def bench_onnx(model: Path, sample: dict[str, np.ndarray] | None, profile: Profi
         return _run(args, profile, settings)
 
 
+def median_round(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median p50, carrying every round's p50 so the spread stays visible."""
+    ordered = sorted(reports, key=lambda report: report["p50_ms"])
+    middle = ordered[(len(ordered) - 1) // 2]
+    return {**middle, "rounds_p50_ms": [report["p50_ms"] for report in reports]}
+
+
+def paired_ratio(candidate: dict[str, Any], baseline: dict[str, Any]) -> float:
+    """Median over rounds of candidate p50 / baseline p50, each pair measured back to back.
+
+    Load on a shared host comes in bursts that last seconds; a burst lifts both halves of a pair,
+    so their ratio stays true where a ratio of overall medians would not.
+    """
+    pairs = sorted(a / b for a, b in zip(candidate["rounds_p50_ms"], baseline["rounds_p50_ms"]))
+    middle = len(pairs) // 2
+    return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
+
+
 def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
     """Benchmark an unpacked bundle; the child verifies every checksum before loading the model."""
     profile.require_runnable_here()
