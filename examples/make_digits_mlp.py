@@ -1,6 +1,6 @@
 """Train the bundled example: a digits classifier (StandardScaler + 2x512 MLP), saved with skops.
 
-    python examples/make_digits_mlp.py      # writes examples/digits_mlp.skops and digits_sample.npy
+    python examples/make_digits_mlp.py   # writes digits_mlp.skops, digits_sample.npy, digits_validation.npz
 
 Deterministic: scikit-learn's bundled digits data, a fixed seed and the lbfgs solver (which, unlike
 adam, keeps no optimizer object, so every type in the file is on skops' default trust list).
@@ -31,6 +31,7 @@ def main() -> None:
     ).fit(train_x, train_y)
     sio.dump(model, HERE / "digits_mlp.skops")
     np.save(HERE / "digits_sample.npy", test_x)
+    np.savez(HERE / "digits_validation.npz", X=test_x, y=test_y)
     print(f"digits_mlp.skops: test accuracy {model.score(test_x, test_y):.3f}; "
           f"digits_sample.npy: {test_x.shape[0]} rows x {test_x.shape[1]} features")
 
