@@ -24,6 +24,7 @@ from edgepack.convert.opsets import support_for
 from edgepack.convert.registry import converter_for
 from edgepack.quantize import canonicalize, make_variants
 from edgepack.runtime.session import create_session
+from edgepack.sample_data import SampleData
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -64,7 +65,8 @@ def main() -> None:
         converter = converter_for(example.model)
         source = converter.load(example.model, LoadOptions())
         opset, ml_opset, _ = support_for(profiles[0].onnxruntime.version)
-        proto = converter.convert(source, features.shape[1], {"": opset, "ai.onnx.ml": ml_opset})
+        proto = converter.convert(source, SampleData(features, (), example.validation.name),
+                                  {"": opset, "ai.onnx.ml": ml_opset})
         canonicalize(proto)
         with tempfile.TemporaryDirectory() as tmp:
             fp32 = Path(tmp) / "model.fp32.onnx"

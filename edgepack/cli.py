@@ -94,9 +94,10 @@ def main_options(
 @error_boundary
 def build(
     model: Path = typer.Argument(..., help="Trained model: .skops, or .pkl/.joblib with --allow-pickle."),
+    weights: Optional[Path] = typer.Option(None, help="State dict for a PyTorch model given as module.py:factory."),
     target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
     sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv with header): fix the signature, drive parity and benchmarks."),
-    input_shape: Optional[str] = typer.Option(None, help="Feature shape when there is no sample file, e.g. 64 (parity then runs on random rows)."),
+    input_shape: Optional[str] = typer.Option(None, help="One sample's shape without the batch axis when there is no sample file, e.g. 64 or 1,8,8 (parity then runs on random rows)."),
     input_dtype: str = typer.Option("float32", help="Input dtype with --input-shape."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the bundle and its benchmark report."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the model file's name)."),
@@ -120,7 +121,7 @@ def build(
 
     spec = BuildSpec(
         model=model, target=target, sample=sample, input_shape=input_shape, input_dtype=input_dtype,
-        out=out, name=name, quantize=quantize, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
+        out=out, name=name, weights=weights, quantize=quantize, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
         atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
         max_p99_ms=max_p99_ms, max_size_mb=max_size_mb,
     )

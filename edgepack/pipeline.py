@@ -110,14 +110,14 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
-    source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust))
+    source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
     _check_features(source, sample)
-    reporter.finish("load", f"{source.estimator} ({source.file_format}, {sample.n_features} features)")
+    reporter.finish("load", f"{source.estimator} ({source.file_format}, input {_dims(sample.feature_shape)})")
 
     opset, ml_opset, ir_version = support_for(profile.onnxruntime.version)
     opset = min(opset, onnx.defs.onnx_opset_version())
     reporter.start("convert", f"Converting to ONNX (opset {opset})")
-    model = converter.convert(source, sample.n_features, {"": opset, "ai.onnx.ml": ml_opset})
+    model = converter.convert(source, sample, {"": opset, "ai.onnx.ml": ml_opset})
     clamp_ir_version(model, ir_version)
     canonicalize(model)
     try:
@@ -135,7 +135,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         reporter.start("parity", f"Checking parity on {len(sample.rows)} {sample.origin} rows")
         names, fp32_outputs = _run(fp32_path, sample.rows)
         tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol)
-        parity = compare(source.predict(sample.rows.astype(np.float64)), fp32_outputs, names,
+        parity = compare(source.predict(sample.rows), fp32_outputs, names,
                          source.output_kinds, tolerance)
         if not parity.passed:
             raise ParityError(
@@ -206,12 +206,16 @@ def _bench_alternating(rows: list[VariantRow], variants: list[Variant], bench_sa
 
 
 def _check_features(source: SourceModel, sample: SampleData) -> None:
-    if source.n_features is not None and source.n_features != sample.n_features:
+    if source.input_shape is not None and source.input_shape != sample.feature_shape:
         raise InputError(
-            f"the sample has {sample.n_features} feature column(s) but {source.estimator} expects "
-            f"{source.n_features}",
-            "pass sample rows with the columns the model was trained on",
+            f"the sample's rows have {_dims(sample.feature_shape)} but {source.estimator} expects "
+            f"{_dims(source.input_shape)}",
+            "pass sample rows shaped like the data the model was trained on",
         )
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]} features" if len(shape) == 1 else "shape " + "x".join(map(str, shape))
 
 
 def _run(model: Path, rows: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -320,10 +324,10 @@ def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: Sa
             opset=opset, ir_version=ir_version,
         ),
         source=Source(framework=source.framework, format=source.file_format, file=source.path.name,
-                      sha256=source.sha256, estimator=source.estimator, converter=source.framework,
+                      sha256=source.sha256, estimator=source.estimator, converter=source.converter,
                       versions={**source.versions, "onnx": onnx.__version__}),
         inputs=[TensorSpec(name=i.name, dtype=_dtype(i.type), shape=_shape(i.shape),
-                           features=list(sample.feature_names)) for i in session.get_inputs()],
+                           features=list(sample.feature_names) or None) for i in session.get_inputs()],
         outputs=[TensorSpec(name=o.name, dtype=_dtype(o.type), shape=_shape(o.shape))
                  for o in session.get_outputs()],
         variant=next(r.name for r in rows if r.verdict == "chosen"),

@@ -16,13 +16,13 @@ _DTYPES = {"float32": np.float32, "float64": np.float64}
 
 @dataclass(frozen=True)
 class SampleData:
-    rows: np.ndarray  # 2-D float32: (samples, features)
-    feature_names: tuple[str, ...]
+    rows: np.ndarray  # float32, batch first: (samples, features) for tables, (samples, C, H, W) for images
+    feature_names: tuple[str, ...]  # tables only
     origin: str  # "file.npy", "file.csv" or "random"
 
     @property
-    def n_features(self) -> int:
-        return int(self.rows.shape[1])
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.rows.shape[1:])
 
 
 def read_sample(path: Path) -> SampleData:
@@ -42,30 +42,31 @@ def read_sample(path: Path) -> SampleData:
                          "save the rows with numpy.save or as CSV with a header")
     if rows.ndim == 1:
         rows = rows.reshape(-1, 1)
-    if rows.ndim != 2 or rows.shape[0] == 0 or rows.shape[1] == 0:
-        raise InputError(f"{path}: expected a 2-D table of rows, got shape {rows.shape}",
-                         "give one row per sample and one column per feature")
+    if rows.ndim < 2 or 0 in rows.shape:
+        raise InputError(f"{path}: expected samples along the first axis, got shape {rows.shape}",
+                         "give one row per sample (a 2-D table, or N x C x H x W for images)")
     if not np.issubdtype(rows.dtype, np.number):
         raise InputError(f"{path}: sample data must be numeric, got {rows.dtype}", "encode the features as numbers")
     if not np.isfinite(rows).all():
         raise InputError(f"{path}: sample data has NaN or infinite values", "clean the sample rows")
-    names = names or tuple(f"f{i}" for i in range(rows.shape[1]))
+    if rows.ndim == 2:
+        names = names or tuple(f"f{i}" for i in range(rows.shape[1]))
     return SampleData(np.ascontiguousarray(rows, dtype=np.float32), names, path.name)
 
 
 def random_sample(shape: str, dtype: str, seed: int = 0) -> SampleData:
-    """Rows of the given feature shape (``64`` or ``1,64``), for when no sample file exists."""
+    """Random rows of one sample's shape without the batch axis (``64``, ``1,8,8``)."""
     try:
-        dims = [int(d) for d in shape.replace("x", ",").split(",") if d.strip()]
+        dims = tuple(int(d) for d in shape.replace("x", ",").split(",") if d.strip())
     except ValueError:
         raise InputError(f"--input-shape {shape!r} is not a list of integers", "write e.g. --input-shape 64") from None
-    features = dims[-1] if dims else 0
-    if features <= 0 or any(d <= 0 for d in dims):
-        raise InputError(f"--input-shape {shape!r} has no positive feature count", "write e.g. --input-shape 64")
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"--input-shape {shape!r} needs positive sizes", "write e.g. --input-shape 64 or 1,8,8")
     if dtype not in _DTYPES:
         raise InputError(f"--input-dtype {dtype!r} is not supported", f"use one of {', '.join(_DTYPES)}")
-    rows = np.random.default_rng(seed).standard_normal((RANDOM_ROWS, features)).astype(np.float32)
-    return SampleData(rows, tuple(f"f{i}" for i in range(features)), "random")
+    rows = np.random.default_rng(seed).standard_normal((RANDOM_ROWS, *dims)).astype(np.float32)
+    names = tuple(f"f{i}" for i in range(dims[0])) if len(dims) == 1 else ()
+    return SampleData(rows, names, "random")
 
 
 def _read_csv(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:

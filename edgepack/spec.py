@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.convert.base import model_file
 from edgepack.errors import InputError
 from edgepack.quantize import VARIANTS_FOR_MODE, QuantizeMode
 
@@ -22,6 +23,7 @@ class BuildSpec:
     out: Path = Path("dist")
     name: str | None = None
     quantize: QuantizeMode = "auto"
+    weights: Path | None = None
     allow_pickle: bool = False
     trust: tuple[str, ...] = ()
     atol: float = 1e-4
@@ -54,5 +56,5 @@ class BuildSpec:
     def bundle_name(self) -> str:
         if self.name:
             return self.name
-        stem = re.sub(r"[^a-z0-9._-]+", "-", self.model.stem.lower()).strip("-._")
+        stem = re.sub(r"[^a-z0-9._-]+", "-", model_file(self.model).stem.lower()).strip("-._")
         return stem[:64] or "model"

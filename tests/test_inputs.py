@@ -77,15 +77,16 @@ def test_nan_and_shapes_are_refused(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]]))
     with pytest.raises(InputError, match="NaN"):
         read_sample(tmp_path / "nan.npy")
-    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
-    with pytest.raises(InputError, match="2-D table"):
+    np.save(tmp_path / "cube.npy", np.zeros((0, 2, 2)))
+    with pytest.raises(InputError, match="samples along the first axis"):
         read_sample(tmp_path / "cube.npy")
     with pytest.raises(InputError, match="no such sample file"):
         read_sample(tmp_path / "none.npy")
 
 
 def test_random_sample_shape():
-    assert random_sample("1,64", "float32").rows.shape == (256, 64)
+    assert random_sample("64", "float32").rows.shape == (256, 64)
+    assert random_sample("1,8,8", "float32").rows.shape == (256, 1, 8, 8)
     with pytest.raises(InputError, match="not a list of integers"):
         random_sample("a", "float32")
 

@@ -93,7 +93,7 @@ def test_variant_outside_tolerance_is_dropped(data_dir, tmp_path):
     sample = read_sample(data_dir / "sample.npy")
     source = SklearnConverter().load(data_dir / "classifier.skops", LoadOptions())
     fp32 = tmp_path / "fp32.onnx"
-    fp32.write_bytes(SklearnConverter().convert(source, 6, {"": 17, "ai.onnx.ml": 3}).SerializeToString())
+    fp32.write_bytes(SklearnConverter().convert(source, sample, {"": 17, "ai.onnx.ml": 3}).SerializeToString())
     shuffled = np.random.default_rng(1).permutation(source.native.predict(sample.rows))
     other = LogisticRegression().fit(sample.rows, shuffled)
     impostor = tmp_path / "impostor.onnx"
@@ -163,5 +163,5 @@ def test_unsupported_estimator_is_named(spec_for, data_dir, tmp_path):
 
 def test_wrong_sample_width(spec_for, tmp_path):
     np.save(tmp_path / "narrow.npy", np.zeros((5, 3), dtype=np.float32))
-    with pytest.raises(InputError, match="sample has 3 feature column"):
+    with pytest.raises(InputError, match="rows have 3 features but MLPClassifier expects 6"):
         build(spec_for("classifier.skops", sample=tmp_path / "narrow.npy"))

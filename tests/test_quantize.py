@@ -9,11 +9,13 @@ import onnx
 from edgepack.convert.base import LoadOptions
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.quantize import make_variants
+from edgepack.sample_data import read_sample
 
 
 def _fp32(data_dir: Path, model: str, tmp_path: Path, reverse_imports: bool = False) -> Path:
     converter = SklearnConverter()
-    proto = converter.convert(converter.load(data_dir / model, LoadOptions()), 6, {"": 17, "ai.onnx.ml": 3})
+    proto = converter.convert(converter.load(data_dir / model, LoadOptions()), read_sample(data_dir / "sample.npy"),
+                              {"": 17, "ai.onnx.ml": 3})
     if reverse_imports:
         imports = list(proto.opset_import)[::-1]
         del proto.opset_import[:]

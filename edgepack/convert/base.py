@@ -1,13 +1,22 @@
-"""What every converter takes and returns."""
+"""What every converter takes and returns.
+
+A converter is a class registered in ``edgepack.convert.registry``. It must not import its
+framework at module import time (``edgepack --help`` stays fast, and a missing optional extra is
+reported only when a model of that kind is given).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 import numpy as np
-import onnx
+
+if TYPE_CHECKING:
+    import onnx
+
+    from edgepack.sample_data import SampleData
 
 OutputKind = Literal["label", "values"]
 
@@ -16,6 +25,7 @@ OutputKind = Literal["label", "values"]
 class LoadOptions:
     allow_pickle: bool = False
     trust: tuple[str, ...] = ()
+    weights: Path | None = None  # a state dict for models given as ``module.py:factory``
 
 
 @dataclass(frozen=True)
@@ -25,19 +35,33 @@ class SourceModel:
     framework: str
     file_format: str
     path: Path
-    sha256: str
+    sha256: str  # of the model file (and weights, where there are two files)
     estimator: str  # human description, e.g. "Pipeline(StandardScaler, MLPClassifier)"
-    n_features: int | None
+    input_shape: tuple[int, ...] | None  # one sample's shape, without the batch axis; None: unknown
     output_kinds: tuple[OutputKind, ...]
+    # The original's answers for float32 rows (batch first), in the order of the ONNX outputs.
     predict: Callable[[np.ndarray], list[np.ndarray]] = field(repr=False)
     native: Any = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
+    converter: str = ""  # what made the ONNX model, e.g. "skl2onnx", "torch.onnx (dynamo)"
 
 
 class Converter(Protocol):
     name: str
-    suffixes: tuple[str, ...]
+
+    def claims(self, path: Path) -> bool:
+        """Whether this converter reads ``path`` (by suffix, or a form like ``module.py:factory``)."""
+        ...
 
     def load(self, path: Path, options: LoadOptions) -> SourceModel: ...
 
-    def convert(self, source: SourceModel, n_features: int, opsets: dict[str, int]) -> onnx.ModelProto: ...
+    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
+        """The ONNX model, float32 inputs with a dynamic batch axis, at the given opsets."""
+        ...
+
+
+def model_file(path: Path) -> Path:
+    """The file part of ``module.py:factory`` style paths; the path itself otherwise."""
+    text = str(path)
+    head, sep, _ = text.rpartition(":")
+    return Path(head) if sep and head.endswith(".py") else path

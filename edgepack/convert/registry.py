@@ -1,35 +1,29 @@
-"""Picks the converter for a model file by its suffix; one entry per framework."""
+"""Picks the converter for a model by what the path looks like; one entry per framework."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from edgepack.convert.base import Converter
+from edgepack.convert.base import Converter, model_file
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.errors import InputError
 
-_CONVERTERS: tuple[Converter, ...] = (SklearnConverter(),)
+# Converters import their framework lazily, so listing them here costs nothing.
+CONVERTERS: tuple[Converter, ...] = (SklearnConverter(),)
 
-
-def _by_suffix() -> dict[str, Converter]:
-    table: dict[str, Converter] = {}
-    for converter in _CONVERTERS:
-        for suffix in converter.suffixes:
-            if suffix in table:  # two converters claiming one suffix is a programming error
-                raise RuntimeError(f"suffix {suffix} registered by {table[suffix].name} and {converter.name}")
-            table[suffix] = converter
-    return table
+SUPPORTED = ".skops, .pkl/.pickle/.joblib (with --allow-pickle)"
 
 
 def converter_for(path: Path) -> Converter:
-    if not path.exists():
-        raise InputError(f"{path}: no such model file", "check the path")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file", "pass the saved model file")
-    table = _by_suffix()
-    suffix = path.suffix.lower()
-    if suffix not in table:
-        known = ", ".join(sorted(table))
-        raise InputError(f"{path.name}: edgepack cannot read {suffix or 'suffix-less'} files",
-                         f"supported model files: {known}")
-    return table[suffix]
+    target = model_file(path)
+    if not target.exists():
+        raise InputError(f"{target}: no such model file", "check the path")
+    if not target.is_file():
+        raise InputError(f"{target}: not a file", "pass the saved model file")
+    claimants = [c for c in CONVERTERS if c.claims(path)]
+    if len(claimants) > 1:  # two converters claiming one path is a programming error
+        raise RuntimeError(f"{path} is claimed by {', '.join(c.name for c in claimants)}")
+    if not claimants:
+        suffix = target.suffix.lower() or "suffix-less"
+        raise InputError(f"{target.name}: edgepack cannot read {suffix} files", f"supported models: {SUPPORTED}")
+    return claimants[0]

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
+from edgepack.sample_data import SampleData
 from edgepack.errors import ConversionError, InputError
 from edgepack.runtime.bundle import sha256_file
 
@@ -20,6 +21,9 @@ SUPPORTED_LIST = "https://onnx.ai/sklearn-onnx/supported.html"
 class SklearnConverter:
     name = "scikit-learn"
     suffixes = (".skops", *PICKLE_SUFFIXES)
+
+    def claims(self, path: Path) -> bool:
+        return path.suffix.lower() in self.suffixes
 
     def load(self, path: Path, options: LoadOptions) -> SourceModel:
         import sklearn
@@ -46,19 +50,24 @@ class SklearnConverter:
             path=path,
             sha256=sha256_file(path),
             estimator=describe(model),
-            n_features=getattr(model, "n_features_in_", None),
+            input_shape=(model.n_features_in_,) if hasattr(model, "n_features_in_") else None,
             output_kinds=kinds,
             predict=lambda rows: _reference_outputs(model, kinds, rows),
             native=model,
             versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__},
+            converter="skl2onnx",
         )
 
-    def convert(self, source: SourceModel, n_features: int, opsets: dict[str, int]) -> onnx.ModelProto:
+    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
         from skl2onnx import to_onnx
         from skl2onnx.common.data_types import FloatTensorType
         from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
 
         model = source.native
+        if sample.rows.ndim != 2:
+            raise InputError(f"scikit-learn models take a table of rows; the sample has shape {sample.rows.shape}",
+                             "pass a 2-D sample (rows x features)")
+        n_features = sample.rows.shape[1]
         unsupported = _unsupported_parts(model)
         if unsupported:
             raise ConversionError(
@@ -142,6 +151,7 @@ def _output_kinds(model: Any) -> tuple[OutputKind, ...]:
 
 def _reference_outputs(model: Any, kinds: tuple[OutputKind, ...], rows: np.ndarray) -> list[np.ndarray]:
     """The original model's answers, in the order skl2onnx writes its outputs."""
+    rows = rows.astype(np.float64)  # how scikit-learn computes: the reference for float32 ONNX
     if kinds == ("label", "values"):
         scores = model.predict_proba(rows) if hasattr(model, "predict_proba") else model.decision_function(rows)
         return [np.asarray(model.predict(rows)), np.asarray(scores)]
