@@ -44,10 +44,15 @@ class SourceModel:
     native: Any = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
     converter: str = ""  # what made the ONNX model, e.g. "skl2onnx", "torch.onnx (dynamo)"
+    # Tree ensembles whose ONNX form compares float32 thresholds: a sample lying between a float64
+    # threshold and its float32 rounding lands on the other side of a split. Parity then reports
+    # how many samples flipped and allows a small share instead of failing.
+    float32_thresholds: bool = False
 
 
 class Converter(Protocol):
     name: str
+    formats: str  # for error messages, e.g. ".skops, .pkl/.joblib (with --allow-pickle)"
 
     def claims(self, path: Path) -> bool:
         """Whether this converter reads ``path`` (by suffix, or a form like ``module.py:factory``)."""

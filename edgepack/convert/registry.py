@@ -8,10 +8,10 @@ from edgepack.convert.base import Converter, model_file
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.errors import InputError
 
-# Converters import their framework lazily, so listing them here costs nothing.
-CONVERTERS: tuple[Converter, ...] = (SklearnConverter(),)
-
-SUPPORTED = ".skops, .pkl/.pickle/.joblib (with --allow-pickle)"
+# Converters import their framework lazily, so listing them here costs nothing. One per line.
+CONVERTERS: tuple[Converter, ...] = (
+    SklearnConverter(),
+)
 
 
 def converter_for(path: Path) -> Converter:
@@ -25,5 +25,5 @@ def converter_for(path: Path) -> Converter:
         raise RuntimeError(f"{path} is claimed by {', '.join(c.name for c in claimants)}")
     if not claimants:
         suffix = target.suffix.lower() or "suffix-less"
-        raise InputError(f"{target.name}: edgepack cannot read {suffix} files", f"supported models: {SUPPORTED}")
+        raise InputError(f"{target.name}: edgepack cannot read {suffix} files", "supported models: " + "; ".join(c.formats for c in CONVERTERS))
     return claimants[0]

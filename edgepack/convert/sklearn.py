@@ -20,6 +20,7 @@ SUPPORTED_LIST = "https://onnx.ai/sklearn-onnx/supported.html"
 
 class SklearnConverter:
     name = "scikit-learn"
+    formats = "scikit-learn .skops, or .pkl/.pickle/.joblib with --allow-pickle"
     suffixes = (".skops", *PICKLE_SUFFIXES)
 
     def claims(self, path: Path) -> bool:
