@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgepack.convert.base import Converter, model_file
+from edgepack.convert.boosting import BoostingConverter
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.errors import InputError
 
 # Converters import their framework lazily, so listing them here costs nothing. One per line.
 CONVERTERS: tuple[Converter, ...] = (
     SklearnConverter(),
+    BoostingConverter(),
 )
 
 

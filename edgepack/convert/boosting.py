@@ -1,0 +1,321 @@
+"""LightGBM and XGBoost boosters: their native model files (never pickles) to ONNX via onnxmltools.
+
+LightGBM: the text model of ``Booster.save_model("model.txt")``. XGBoost: the JSON or UBJSON model of
+``save_model("model.json" | "model.ubj")``, from a Booster or the scikit-learn wrappers alike.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+
+from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
+from edgepack.errors import ConversionError, InputError, UnsupportedHere
+from edgepack.runtime.bundle import sha256_file
+from edgepack.sample_data import SampleData
+
+INSTALL_HINT = 'install the boosting extra: pip install -e ".[boosting]"'
+# Objectives whose ONNX form onnxmltools writes faithfully (checked against the frameworks' own answers).
+# Left out: LightGBM multiclassova (probabilities are not normalised the same way), cross_entropy, mape,
+# fair, ranking; XGBoost multi:softmax (ONNX would give margins for probabilities), reg:logistic and
+# binary:logitraw (wrong or no post-transform), ranking, survival.
+LIGHTGBM_OBJECTIVES = {
+    "binary": "classifier", "multiclass": "classifier",
+    "regression": "regressor", "regression_l1": "regressor", "huber": "regressor", "quantile": "regressor",
+    "poisson": "regressor", "gamma": "regressor", "tweedie": "regressor",
+}
+XGBOOST_OBJECTIVES = {
+    "binary:logistic": "classifier", "binary:hinge": "classifier", "multi:softprob": "classifier",
+    "reg:squarederror": "regressor", "reg:squaredlogerror": "regressor", "reg:absoluteerror": "regressor",
+    "reg:pseudohubererror": "regressor", "reg:quantileerror": "regressor", "count:poisson": "regressor",
+    "reg:gamma": "regressor", "reg:tweedie": "regressor",
+}
+
+
+class BoostingConverter:
+    name = "LightGBM/XGBoost"
+    formats = "LightGBM .txt (Booster.save_model), XGBoost .json/.ubj (save_model)"
+
+    def claims(self, path: Path) -> bool:
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            return _starts_like_lightgbm(path)
+        if suffix == ".json":
+            return _parses_as_xgboost_json(path)
+        return suffix == ".ubj"
+
+    def load(self, path: Path, options: LoadOptions) -> SourceModel:
+        if path.suffix.lower() == ".txt":
+            return _load_lightgbm(path)
+        return _load_xgboost(path)
+
+    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
+        if sample.rows.ndim != 2:
+            raise InputError(f"{source.framework} models take a table of rows; the sample has shape "
+                             f"{sample.rows.shape}", "pass a 2-D sample (rows x features)")
+        onnxmltools = _require("onnxmltools", source.framework)
+        from onnxmltools.convert.common.data_types import FloatTensorType
+        from onnxmltools.convert.common.onnx_ex import get_maximum_opset_supported
+
+        # onnxmltools writes up to its own newest opset (15 in 1.16); the result is raised to the
+        # target's opset below, so the model declares what the target profile runs.
+        opset = min(opsets[""], get_maximum_opset_supported())
+        inputs = [("X", FloatTensorType([None, sample.rows.shape[1]]))]
+        # A fixed graph name: onnxmltools' default is a random UUID, which would change the bundle's bytes.
+        name = source.framework.lower()
+        try:
+            if source.framework == "LightGBM":
+                # zipmap=False: a tensor of probabilities rather than a list of dicts, what clients want.
+                model = onnxmltools.convert_lightgbm(source.native, name=name, initial_types=inputs,
+                                                     target_opset=opset, zipmap=False)
+            else:  # XGBoost classifiers always write a probability tensor
+                model = onnxmltools.convert_xgboost(source.native, name=name, initial_types=inputs,
+                                                    target_opset=opset)
+        except Exception as err:  # onnxmltools reports unsupported trees and options with many types
+            raise ConversionError(f"onnxmltools failed on {source.estimator}: {_first_line(err)}",
+                                  "run with --debug for the traceback and report the model's parameters") from err
+        model = _at_opset(model, opsets[""])
+        _declare_outputs(model, source)
+        return model
+
+
+# -- detection ---------------------------------------------------------------------------------------
+
+def _starts_like_lightgbm(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return _lightgbm_opening(handle.read(64))
+    except OSError:
+        return False
+
+
+def _lightgbm_opening(head: bytes) -> bool:
+    """LightGBM text models open with a line ``tree`` and then ``version=v<N>``."""
+    lines = head.split(b"\n")
+    return len(lines) > 2 and lines[0].strip() == b"tree" and lines[1].startswith(b"version=")
+
+
+def _parses_as_xgboost_json(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            document = json.load(handle)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
+    return isinstance(document, dict) and "learner" in document
+
+
+# -- LightGBM ----------------------------------------------------------------------------------------
+
+def _load_lightgbm(path: Path) -> SourceModel:
+    lightgbm = _require("lightgbm", "LightGBM")
+    onnxmltools = _require("onnxmltools", "LightGBM")
+    text = path.read_bytes()
+    header = _lightgbm_header(path, text)
+    try:
+        with _quiet_native_stderr():
+            booster = lightgbm.Booster(model_str=text.decode("utf-8"))
+    except Exception as err:  # LightGBMError, or a decoding error on a binary file
+        raise InputError(f"{path.name} is not a readable LightGBM model ({_first_line(err)})",
+                         "re-save it with Booster.save_model") from None
+    objective, *settings = header.get("objective", "").split()
+    kind = LIGHTGBM_OBJECTIVES.get(objective)
+    if kind is None:
+        raise ConversionError(f"edgepack cannot convert LightGBM models with objective {objective or 'none'!r}",
+                              f"supported objectives: {', '.join(LIGHTGBM_OBJECTIVES)}")
+    if booster.params.get("linear_tree"):
+        raise ConversionError(f"{path.name} has linear trees, which onnxmltools does not convert",
+                              "retrain with linear_tree=False")
+    if any(s.startswith("sigmoid:") and float(s.split(":")[1]) != 1.0 for s in settings):
+        raise ConversionError(f"{path.name} uses a sigmoid scale other than 1, which onnxmltools ignores",
+                              "retrain with sigmoid=1.0")
+    classifier = kind == "classifier"
+    return SourceModel(
+        framework="LightGBM",
+        file_format="lightgbm-text",
+        path=path,
+        sha256=sha256_file(path),
+        estimator=f"LightGBM Booster (objective {objective}, {booster.num_trees()} trees)",
+        input_shape=(booster.num_feature(),),
+        output_kinds=_output_kinds(kind),
+        predict=lambda rows: _lightgbm_outputs(booster, classifier, rows),
+        native=booster,
+        versions={"lightgbm": lightgbm.__version__, "onnxmltools": onnxmltools.__version__},
+        converter="onnxmltools",
+        float32_thresholds=True,
+    )
+
+
+def _lightgbm_header(path: Path, text: bytes) -> dict[str, str]:
+    """The ``key=value`` lines before the first tree, after checking the trees lie inside the file.
+
+    LightGBM reads the trees in parallel at the byte offsets ``tree_sizes`` gives, without checking
+    them against the file's length: a truncated file makes it read past the end or abort the process.
+    """
+    invalid = InputError(f"{path.name} is not a complete LightGBM text model",
+                         "re-save it with Booster.save_model; the file may be truncated")
+    trees_at = text.find(b"\nTree=")
+    if not _lightgbm_opening(text[:64]) or trees_at < 0:
+        raise invalid
+    header: dict[str, str] = {}
+    for line in text[:trees_at].decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            header[key.strip()] = value.strip()
+    if "tree_sizes" in header:
+        try:
+            sizes = [int(size) for size in header["tree_sizes"].split()]
+        except ValueError:
+            raise invalid from None
+        start = trees_at + 1
+        offsets = np.cumsum([0, *sizes])
+        if start + offsets[-1] > len(text) or any(not text.startswith(b"Tree=", start + int(o)) for o in offsets[:-1]):
+            raise invalid
+    return header
+
+
+def _lightgbm_outputs(booster: Any, classifier: bool, rows: np.ndarray) -> list[np.ndarray]:
+    """LightGBM's answers, shaped like the ONNX outputs: labels and (N, classes) probabilities, or (N, 1)."""
+    scores = np.asarray(booster.predict(rows.reshape(len(rows), -1).astype(np.float64)))
+    if not classifier:
+        return [scores.reshape(len(rows), 1)]
+    probabilities = np.column_stack([1.0 - scores, scores]) if scores.ndim == 1 else scores
+    return [probabilities.argmax(axis=1), probabilities]
+
+
+@contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """LightGBM's C++ core prints ``[LightGBM] [Fatal] ...`` to file descriptor 2 before raising the same text."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# -- XGBoost -----------------------------------------------------------------------------------------
+
+def _load_xgboost(path: Path) -> SourceModel:
+    xgboost = _require("xgboost", "XGBoost")
+    onnxmltools = _require("onnxmltools", "XGBoost")
+    try:
+        booster = xgboost.Booster(model_file=str(path))
+        learner = json.loads(booster.save_config())["learner"]
+    except Exception as err:  # XGBoostError, or a decoding error on a corrupt UBJSON file
+        raise InputError(f"{path.name} is not a readable XGBoost model ({_first_line(err)})",
+                         "re-save it with save_model(\"model.json\") or (\"model.ubj\")") from None
+    objective = learner["objective"]["name"]
+    kind = XGBOOST_OBJECTIVES.get(objective)
+    if kind is None:
+        raise ConversionError(f"edgepack cannot convert XGBoost models with objective {objective!r}",
+                              f"supported objectives: {', '.join(XGBOOST_OBJECTIVES)}")
+    gradient_booster = learner["gradient_booster"]["name"]
+    if gradient_booster != "gbtree":
+        raise ConversionError(f"{path.name} uses the {gradient_booster} booster; onnxmltools converts gbtree only",
+                              "retrain with booster=\"gbtree\"")
+    if int(learner["learner_model_param"].get("num_target", 1)) != 1:
+        raise ConversionError(f"{path.name} predicts several targets; edgepack converts single-target models",
+                              "train one model per target")
+    # The scikit-learn wrapper, loaded from the same file, is what onnxmltools converts most surely: it
+    # carries the objective and classes (a bare Booster makes onnxmltools guess them from the trees).
+    model = (xgboost.XGBClassifier if kind == "classifier" else xgboost.XGBRegressor)()
+    model.load_model(str(path))
+    # onnxmltools maps splits to columns by the names f0, f1, ...; edgepack feeds unnamed columns in order.
+    model.get_booster().feature_names = None
+    trees = learner["gradient_booster"]["gbtree_model_param"]["num_trees"]
+    return SourceModel(
+        framework="XGBoost",
+        file_format="xgboost-json" if path.suffix.lower() == ".json" else "xgboost-ubjson",
+        path=path,
+        sha256=sha256_file(path),
+        estimator=f"XGBoost Booster (objective {objective}, {trees} trees)",
+        input_shape=(booster.num_features(),),
+        output_kinds=_output_kinds(kind),
+        predict=lambda rows: _xgboost_outputs(model, kind, rows),
+        native=model,
+        versions={"xgboost": xgboost.__version__, "onnxmltools": onnxmltools.__version__},
+        converter="onnxmltools",
+        float32_thresholds=True,
+    )
+
+
+def _xgboost_outputs(model: Any, kind: str, rows: np.ndarray) -> list[np.ndarray]:
+    table = rows.reshape(len(rows), -1)
+    if kind == "classifier":
+        return [np.asarray(model.predict(table)), np.asarray(model.predict_proba(table))]
+    return [np.asarray(model.predict(table)).reshape(len(rows), 1)]
+
+
+# -- shared ------------------------------------------------------------------------------------------
+
+def _require(module: str, framework: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UnsupportedHere(f"{module} is not installed; edgepack needs it for {framework} models",
+                              INSTALL_HINT) from None
+
+
+def _output_kinds(kind: str) -> tuple[OutputKind, ...]:
+    return ("label", "values") if kind == "classifier" else ("values",)
+
+
+def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model at the target's default-domain opset; the ai.onnx.ml operators keep their version.
+
+    onnxmltools declares the lowest opsets its operators need (XGBoost graphs have no default-domain
+    operator at all). The tree operators it writes are ai.onnx.ml version 1, valid up to ml opset 4
+    and run by every onnxruntime edgepack supports.
+    """
+    declared = {entry.domain: entry.version for entry in model.opset_import}
+    if "" not in declared:
+        model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    elif declared[""] < opset:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, opset)
+        except Exception as err:  # the converter raises RuntimeError and ValueError subclasses
+            raise ConversionError(f"could not raise the ONNX model from opset {declared['']} to {opset}: "
+                                  f"{_first_line(err)}", "run with --debug and report the model type") from None
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
+    return model
+
+
+def _declare_outputs(model: onnx.ModelProto, source: SourceModel) -> None:
+    """Declare the shapes the outputs really have; onnxmltools leaves some as [1] or [N, 1]."""
+    outputs = model.graph.output
+    if source.output_kinds == ("label", "values"):
+        shapes: list[list[int | None]] = [[None], [None, _class_count(source)]]
+    else:
+        shapes = [[None, 1]]
+    if len(outputs) != len(shapes):
+        raise ConversionError(f"onnxmltools wrote {len(outputs)} outputs for {source.estimator}, "
+                              f"expected {len(shapes)}", "report the model's parameters")
+    for output, shape in zip(outputs, shapes):
+        elem_type = output.type.tensor_type.elem_type
+        output.CopyFrom(onnx.helper.make_tensor_value_info(output.name, elem_type, shape))
+
+
+def _class_count(source: SourceModel) -> int:
+    if source.framework == "LightGBM":  # binary boosters have one tree per round, and two classes
+        return max(source.native.num_model_per_iteration(), 2)
+    return len(source.native.classes_)
+
+
+def _first_line(err: BaseException) -> str:
+    """An exception's first line, without XGBoost's ``[12:00:00] /path/file.cc:409:`` prefix."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
