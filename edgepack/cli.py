@@ -87,7 +87,8 @@ def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    _debug["on"] = _debug["on"] or debug
+    # Set on every invocation, so one --debug run does not leak into the next in the same process.
+    _debug["on"] = debug or os.environ.get("EDGEPACK_DEBUG") == "1"
 
 
 @app.command()
@@ -101,14 +102,19 @@ def build(
     input_dtype: str = typer.Option("float32", help="Input dtype with --input-shape."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the bundle and its benchmark report."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the model file's name)."),
-    quantize: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | auto (every variant; keep the fastest accurate one)."),
+    quantize: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | int8-static | fp16 | auto (every variant; keep the fastest accurate one)."),
+    calibration: Optional[Path] = typer.Option(None, help="Rows (.npy/.csv) for static int8 calibration (default: the sample)."),
+    calibration_method: str = typer.Option("minmax", help="Static int8 calibration: minmax | entropy | percentile."),
+    validation: Optional[Path] = typer.Option(None, help="Labelled rows for the accuracy gate: .npz with X and y, or .csv with a label column."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a CSV validation file (default: the last)."),
+    max_accuracy_drop: float = typer.Option(1.0, help="Reject variants losing more than this: accuracy points (classifiers) or % RMSE (regressors)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle/joblib files. Unpickling runs code: only for files you trust."),
     trust: List[str] = typer.Option([], "--trust", help="A type skops should load though it is not trusted by default (repeatable)."),
     atol: float = typer.Option(1e-4, help="Parity: absolute tolerance of ONNX against the original."),
     rtol: float = typer.Option(1e-3, help="Parity: relative tolerance of ONNX against the original."),
-    min_agreement: float = typer.Option(0.99, help="Quantized variants: least share of labels that must agree with fp32."),
+    min_agreement: float = typer.Option(0.99, help="Without validation labels: least share of labels that must agree with fp32."),
     batch: int = typer.Option(1, help="Batch size for benchmarks."),
-    bench_time: float = typer.Option(1.0, help="Seconds of timed runs per variant (at least 100 runs)."),
+    bench_time: float = typer.Option(0.5, help="Timed seconds per variant, split over 5 alternating rounds."),
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
@@ -121,7 +127,9 @@ def build(
 
     spec = BuildSpec(
         model=model, target=target, sample=sample, input_shape=input_shape, input_dtype=input_dtype,
-        out=out, name=name, weights=weights, quantize=quantize, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
+        out=out, name=name, weights=weights, quantize=quantize, calibration=calibration,  # type: ignore[arg-type]
+        calibration_method=calibration_method, validation=validation, label_column=label_column,  # type: ignore[arg-type]
+        max_accuracy_drop=max_accuracy_drop, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
         atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
         max_p99_ms=max_p99_ms, max_size_mb=max_size_mb,
     )

@@ -55,7 +55,9 @@ class VariantRecord(_Strict):
     reason: str
     sha256: str | None = None
     size_bytes: int | None = None
-    accuracy: dict[str, Any] | None = None
+    metric: dict[str, Any] | None = None  # task metric on labelled validation data, next to fp32's
+    excluded_nodes: list[str] = []  # nodes kept in float after the accuracy gate named them
+    accuracy: dict[str, Any] | None = None  # agreement with fp32
 
 
 class FileEntry(_Strict):
@@ -77,6 +79,7 @@ class Manifest(_Strict):
     outputs: list[TensorSpec]
     variant: str
     variants: list[VariantRecord]
+    quantization: dict[str, Any]
     parity: dict[str, Any]
     files: list[FileEntry]
 

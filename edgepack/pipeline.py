@@ -18,7 +18,6 @@ import onnx
 
 import edgepack
 from edgepack.bench.profiles import Profile, all_profiles, resolve_profile
-from edgepack.bench.runner import BenchSettings, bench_onnx, median_round, paired_ratio
 from edgepack.convert.base import LoadOptions, SourceModel
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
@@ -26,18 +25,18 @@ from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityE
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
-from edgepack.quantize import Variant, canonicalize, make_variants
+from edgepack.quantize import QuantizeConfig, canonicalize, check_calibration, needs_reduce_range, optimize_fp32
+from edgepack.runtime.bench import cpu_info
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.session import create_session, numpy_dtype
-from edgepack.sample_data import SampleData, random_sample, read_sample
+from edgepack.sample_data import SampleData, random_sample, read_sample, read_validation
+from edgepack.select import EvalData, Selection, SelectOptions, VariantRow, choose_variant, run_model
 from edgepack.spec import BuildSpec
-from edgepack.validate import PARITY, VARIANT, ParityReport, compare
+from edgepack.validate import PARITY, ParityReport, compare
 
 BENCH_ROWS = 16  # sample rows shipped in the bundle for the on-device benchmark
-BENCH_ROUNDS = 5  # variants are timed in turn, this many times each
-# A variant must beat fp32's median by this much to be chosen: smaller gains are within noise.
-FASTER_MARGIN = 0.03
-
+# Tree ensembles in ONNX compare float32 thresholds; this share of samples may flip a split.
+TREE_FLIP_RATE = 0.01
 
 class Reporter(Protocol):
     def start(self, stage: str, text: str) -> None: ...
@@ -54,24 +53,6 @@ class SilentReporter:
 
 
 @dataclass
-class VariantRow:
-    name: str
-    size_bytes: int | None
-    accuracy: str
-    verdict: str  # candidate, then chosen | dropped | skipped
-    reason: str  # stable across runs: it goes into the manifest
-    bench: dict[str, Any] | None = None
-    speed: str = ""  # the measured figure behind the verdict, for the summary and report
-    accuracy_report: ParityReport | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        bench = self.bench or {}
-        return {"name": self.name, "size_bytes": self.size_bytes, "accuracy": self.accuracy,
-                "verdict": self.verdict, "reason": self.reason, "speed": self.speed,
-                "p50_ms": bench.get("p50_ms"), "p99_ms": bench.get("p99_ms")}
-
-
-@dataclass
 class BuildResult:
     bundle: Path
     bundle_sha256: str
@@ -82,6 +63,7 @@ class BuildResult:
     parity: ParityReport
     variants: list[VariantRow]
     bench: dict[str, Any] | None  # the chosen variant on the target profile
+    metric_basis: str = ""
     not_measured: dict[str, str] = field(default_factory=dict)  # profile -> why
     next_steps: list[str] = field(default_factory=list)
 
@@ -97,6 +79,7 @@ class BuildResult:
             "variant": self.manifest.variant,
             "parity": self.parity.to_dict(),
             "variants": [row.to_json() for row in self.variants],
+            "metric_basis": self.metric_basis,
             "bench": {self.profile.name: self.bench} if self.bench else {},
             "not_measured": self.not_measured,
             "next_steps": self.next_steps,
@@ -107,12 +90,16 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     reporter = reporter or SilentReporter()
     profile = resolve_profile(spec.target)
     sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
+    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
     source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
     _check_features(source, sample)
-    reporter.finish("load", f"{source.estimator} ({source.file_format}, input {_dims(sample.feature_shape)})")
+    if validation is not None:
+        _check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+    config = quantize_config(spec, profile, sample)
+    reporter.finish("load", f"{source.estimator} ({source.file_format}, {_dims(sample.feature_shape)})")
 
     opset, ml_opset, ir_version = support_for(profile.onnxruntime.version)
     opset = min(opset, onnx.defs.onnx_opset_version())
@@ -125,52 +112,48 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     except onnx.checker.ValidationError as err:
         raise ConversionError(f"the converted model is not valid ONNX: {str(err).splitlines()[0]}",
                               "report this with the model type; run with --debug") from None
-    reporter.finish("convert", f"{converter.name} → ONNX opset {opset}, IR {model.ir_version}")
 
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         workdir = Path(tmp)
-        fp32_path = workdir / "model.fp32.onnx"
-        fp32_path.write_bytes(model.SerializeToString())
+        converted = workdir / "model.converted.onnx"
+        converted.write_bytes(model.SerializeToString())
+        fp32 = optimize_fp32(converted, workdir / "model.fp32.onnx")
+        reporter.finish("convert", f"{source.converter or converter.name} → ONNX opset {opset}, IR {model.ir_version}"
+                        + (", graph-optimized" if fp32.path != converted else ""))
 
         reporter.start("parity", f"Checking parity on {len(sample.rows)} {sample.origin} rows")
-        names, fp32_outputs = _run(fp32_path, sample.rows)
-        tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol)
-        parity = compare(source.predict(sample.rows), fp32_outputs, names,
-                         source.output_kinds, tolerance)
+        assert fp32.path is not None
+        names, fp32_outputs = run_model(fp32.path, sample.rows)
+        tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol,
+                            max_flip_rate=TREE_FLIP_RATE if source.float32_thresholds else 0.0)
+        parity = compare(source.predict(sample.rows), fp32_outputs, names, source.output_kinds, tolerance)
         if not parity.passed:
             raise ParityError(
                 f"the ONNX model differs from the original over {parity.samples} rows "
                 f"(atol {spec.atol:g}, rtol {spec.rtol:g}): " + "; ".join(parity.failures()),
-                "if these differences are acceptable, loosen --atol/--rtol; otherwise report the estimator",
+                "if these differences are acceptable, loosen --atol/--rtol; otherwise report the model type",
             )
         reporter.finish("parity", "; ".join(d.describe() for d in parity.outputs))
 
-        reporter.start("quantize", f"Making variants ({spec.quantize})")
-        variants = make_variants(fp32_path, spec.quantize, workdir)
-        rows = _check_variants(variants, names, fp32_outputs, source, sample, spec)
-        reporter.finish("quantize", ", ".join(f"{r.name}: {r.accuracy}" for r in rows))
-
-        bench_sample = {names_in: sample.rows[:BENCH_ROWS] for names_in in _input_names(fp32_path)}
+        bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
+        evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
+                      else EvalData(sample.rows, None, sample.origin))
+        selection = choose_variant(fp32, converted, source.output_kinds, evaluation, bench_sample, profile,
+                                   select_options(spec), config, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
-        if profile.runnable_here():
-            _bench_alternating(rows, variants, bench_sample, profile, spec, reporter)
-        chosen = _select(rows, profile, spec)
-        chosen_bench = chosen.bench
-        _check_latency_budget(chosen, profile, spec)
+        _check_latency_budget(selection.chosen_bench, profile, spec)
 
-        reporter.start("package", f"Packaging {chosen.name} for {profile.name}")
-        chosen_path = next(v.path for v in variants if v.name == chosen.name)
-        assert chosen_path is not None  # only made variants can be chosen
-        model_bytes = chosen_path.read_bytes()
+        reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
+        model_bytes = selection.chosen_path.read_bytes()
         files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_sample)})
-        manifest = _manifest(spec, profile, source, sample, chosen_path, model_bytes, opset, ir_version,
-                             parity, rows, variants, files)
+        manifest = _manifest(spec, profile, source, sample, selection, model_bytes, opset, ir_version, parity,
+                             config, files)
         root, archive = assemble(files, manifest)
         _check_size_budget(len(archive), profile, spec)
         bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
         report_path = write_atomic(spec.out / f"{root}.bench.json",
-                                   _bench_report(manifest, profile, rows, not_measured))
+                                   _bench_report(manifest, profile, selection, not_measured))
         reporter.finish("package", f"{bundle} ({len(archive) / 1024:.0f} KiB)")
 
     reporter.start("verify", "Verifying the bundle")
@@ -178,8 +161,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     reporter.finish("verify", f"{len(verified.sums)} files, every checksum matches")
     return BuildResult(
         bundle=bundle, bundle_sha256=hashlib.sha256(archive).hexdigest(), bundle_bytes=len(archive),
-        report=report_path, manifest=manifest, profile=profile, parity=parity, variants=rows,
-        bench=chosen_bench, not_measured=not_measured,
+        report=report_path, manifest=manifest, profile=profile, parity=parity, variants=selection.rows,
+        bench=selection.chosen_bench, metric_basis=selection.metric_basis, not_measured=not_measured,
         next_steps=[
             f"edgepack verify {bundle}",
             f"edgepack bench {bundle} --profile {profile.name}",
@@ -188,21 +171,23 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     )
 
 
-def _bench_alternating(rows: list[VariantRow], variants: list[Variant], bench_sample: dict[str, np.ndarray],
-                       profile: Profile, spec: BuildSpec, reporter: Reporter) -> None:
-    """Time the candidates in alternating rounds, so a burst of load on the host hits them all."""
-    candidates = [(row, variant.path) for row, variant in zip(rows, variants) if row.verdict == "candidate"]
-    settings = BenchSettings.timed(spec.bench_time_s / BENCH_ROUNDS, batch=spec.batch)
-    rounds: dict[str, list[dict[str, Any]]] = {row.name: [] for row, _ in candidates}
-    for number in range(1, BENCH_ROUNDS + 1):
-        for row, path in candidates:
-            assert path is not None  # candidates are made variants
-            reporter.start("bench", f"Benchmarking {row.name} on {profile.name}, round {number}/{BENCH_ROUNDS}")
-            rounds[row.name].append(bench_onnx(path, bench_sample, profile, settings))
-    for row, _ in candidates:
-        row.bench = median_round(rounds[row.name])
-        reporter.finish("bench", f"{row.name} on {profile.name}: p50 {row.bench['p50_ms']:.4f} ms, "
-                                 f"p99 {row.bench['p99_ms']:.4f} ms (median of {BENCH_ROUNDS} rounds)")
+def quantize_config(spec: BuildSpec, profile: Profile, sample: SampleData) -> QuantizeConfig:
+    """Calibration rows (the --calibration file, else the sample) and the CPU-dependent choices."""
+    if spec.calibration is not None:
+        calibration = read_sample(spec.calibration)
+        rows = check_calibration(calibration.rows, sample.feature_shape, calibration.origin)
+        origin = calibration.origin
+    else:
+        rows, origin = check_calibration(sample.rows, sample.feature_shape, f"{sample.origin} (the sample)"), \
+            f"{sample.origin} (the sample)"
+    _, flags = cpu_info()
+    return QuantizeConfig(calibration=rows, calibration_origin=origin, method=spec.calibration_method,
+                          reduce_range=needs_reduce_range(profile.arch, flags))
+
+
+def select_options(spec: BuildSpec) -> SelectOptions:
+    return SelectOptions(mode=spec.quantize, min_agreement=spec.min_agreement,
+                         max_accuracy_drop=spec.max_accuracy_drop, batch=spec.batch, bench_time_s=spec.bench_time_s)
 
 
 def _check_features(source: SourceModel, sample: SampleData) -> None:
@@ -218,85 +203,15 @@ def _dims(shape: tuple[int, ...]) -> str:
     return f"{shape[0]} features" if len(shape) == 1 else "shape " + "x".join(map(str, shape))
 
 
-def _run(model: Path, rows: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
-    # One thread: parity figures must not depend on how the host splits reductions.
-    session, _ = create_session(model, threads=1)
-    names = [o.name for o in session.get_outputs()]
-    return names, session.run(None, {session.get_inputs()[0].name: rows})
-
-
 def _input_names(model: Path) -> list[str]:
     return [i.name for i in onnx.load(model, load_external_data=False).graph.input]
 
 
-def _check_variants(variants: list[Variant], names: list[str], fp32_outputs: list[np.ndarray],
-                    source: SourceModel, sample: SampleData, spec: BuildSpec) -> list[VariantRow]:
-    rows = [VariantRow("fp32", variants[0].size_bytes, "reference", "candidate", "baseline")]
-    tolerance = replace(VARIANT, min_label_agreement=spec.min_agreement)
-    for variant in variants[1:]:
-        if variant.path is None:
-            rows.append(VariantRow(variant.name, None, "-", "skipped", variant.skipped or "not made"))
-            continue
-        _, outputs = _run(variant.path, sample.rows)
-        report = compare(fp32_outputs, outputs, names, source.output_kinds, tolerance)
-        accuracy = "; ".join(_accuracy_text(d) for d in report.outputs if d.gated)
-        row = VariantRow(variant.name, variant.size_bytes, accuracy, "candidate", "", accuracy_report=report)
-        if not report.passed:
-            row.verdict = "dropped"
-            row.reason = "outside tolerance of fp32: " + "; ".join(report.failures())
-        rows.append(row)
-    return rows
-
-
-def _accuracy_text(diff: Any) -> str:
-    if diff.kind == "label":
-        return f"{diff.agreement:.2%} agree"
-    return f"rel. RMSE {diff.relative_rmse:.3f}"
-
-
-def _select(rows: list[VariantRow], profile: Profile, spec: BuildSpec) -> VariantRow:
-    baseline = rows[0]
-    candidates = [r for r in rows[1:] if r.verdict == "candidate"]
-    measured = profile.runnable_here()
-    best = baseline
-    for row in candidates:
-        if not measured:
-            if spec.quantize == "int8-dynamic":
-                best, row.reason = row, f"requested; speed on {profile.name} not measured here"
-            else:
-                row.reason = f"speed on {profile.name} not measured here; auto keeps fp32 (force with --quantize {row.name})"
-            continue
-        assert row.bench is not None and baseline.bench is not None
-        ratio = paired_ratio(row.bench, baseline.bench)
-        row.speed = f"p50 {ratio:.2f}x of fp32"
-        if ratio >= 1 - FASTER_MARGIN:
-            row.reason = f"not faster than fp32 on {profile.name}"
-        elif best is baseline or paired_ratio(row.bench, best.bench) < 1:  # type: ignore[arg-type]
-            best = row
-    for row in candidates:
-        if row is best:
-            continue
-        if not row.reason:
-            row.reason = f"accurate, but slower than {best.name}"
-    best.verdict = "chosen"
-    if best is baseline:
-        tried = any(r.verdict != "skipped" for r in rows[1:])
-        baseline.reason = "no variant was faster and accurate enough" if tried else (
-            "fp32 only" if spec.quantize == "none" else "no other variant applies")
-    elif best.bench:
-        best.reason = f"fastest accurate variant on {profile.name}"
-        baseline.reason = f"baseline; {best.name} is faster"
-    for row in rows:
-        if row is not best and row.verdict != "skipped":
-            row.verdict = "dropped"
-    return best
-
-
-def _check_latency_budget(chosen: VariantRow, profile: Profile, spec: BuildSpec) -> None:
+def _check_latency_budget(bench: dict[str, Any] | None, profile: Profile, spec: BuildSpec) -> None:
     limit = spec.max_p99_ms or profile.budgets.max_p99_ms
-    if limit and chosen.bench and chosen.bench["p99_ms"] > limit:
+    if limit and bench and bench["p99_ms"] > limit:
         raise BudgetExceeded(
-            f"p99 latency {chosen.bench['p99_ms']:.3f} ms on {profile.name} exceeds the budget of {limit:g} ms",
+            f"p99 latency {bench['p99_ms']:.3f} ms on {profile.name} exceeds the budget of {limit:g} ms",
             "use a faster variant (--quantize auto), a smaller model, or raise --max-p99-ms",
         )
 
@@ -308,11 +223,12 @@ def _check_size_budget(size: int, profile: Profile, spec: BuildSpec) -> None:
                              "try --quantize int8-dynamic or raise --max-size-mb")
 
 
-def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: SampleData, chosen_path: Path,
-              model_bytes: bytes, opset: int, ir_version: int, parity: ParityReport, rows: list[VariantRow],
-              variants: list[Variant], files: dict[str, bytes]) -> Manifest:
-    session, _ = create_session(chosen_path, threads=1)
-    digests = {v.name: hashlib.sha256(v.path.read_bytes()).hexdigest() for v in variants if v.path}
+def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: SampleData, selection: Selection,
+              model_bytes: bytes, opset: int, ir_version: int, parity: ParityReport, config: QuantizeConfig,
+              files: dict[str, bytes]) -> Manifest:
+    session, _ = create_session(selection.chosen_path, threads=1)
+    digests = {v.name: hashlib.sha256(v.path.read_bytes()).hexdigest() for v in selection.variants if v.path}
+    cpu_model, cpu_flags = cpu_info()
     return Manifest(
         name=spec.bundle_name,
         version=hashlib.sha256(model_bytes).hexdigest()[:12],
@@ -330,12 +246,19 @@ def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: Sa
                            features=list(sample.feature_names) or None) for i in session.get_inputs()],
         outputs=[TensorSpec(name=o.name, dtype=_dtype(o.type), shape=_shape(o.shape))
                  for o in session.get_outputs()],
-        variant=next(r.name for r in rows if r.verdict == "chosen"),
+        variant=selection.chosen.name,
         # Speed figures vary run to run; the manifest keeps verdicts, the bench report keeps timings.
         variants=[VariantRecord(name=r.name, verdict=r.verdict, reason=r.reason, sha256=digests.get(r.name),
-                                size_bytes=r.size_bytes,
-                                accuracy=r.accuracy_report.to_dict() if r.accuracy_report else None)
-                  for r in rows],
+                                size_bytes=r.size_bytes, metric=r.metric.__dict__ if r.metric else None,
+                                excluded_nodes=list(r.excluded_nodes),
+                                accuracy=r.agreement.to_dict() if r.agreement else None)
+                  for r in selection.rows],
+        quantization={
+            "mode": spec.quantize, "metric_basis": selection.metric_basis,
+            "reduce_range": config.reduce_range, "cpu_model": cpu_model, "cpu_flags": cpu_flags,
+            "calibration": {"data": config.calibration_origin, "method": config.method,
+                            "rows": 0 if config.calibration is None else len(config.calibration)},
+        },
         parity={**parity.to_dict(), "reference": source.framework, "data": sample.origin},
         files=file_entries(files),
     )
@@ -350,12 +273,11 @@ def _shape(dims: list[Any]) -> list[int | str]:
     return [d if isinstance(d, int) else "batch" if i == 0 else str(d) for i, d in enumerate(dims)]
 
 
-def _bench_report(manifest: Manifest, profile: Profile, rows: list[VariantRow],
-                  not_measured: dict[str, str]) -> bytes:
+def _bench_report(manifest: Manifest, profile: Profile, selection: Selection, not_measured: dict[str, str]) -> bytes:
     report = {
         "model": manifest.name, "version": manifest.version, "profile": profile.name,
-        "variant": manifest.variant,
-        "variants": [{**row.to_json(), "bench": row.bench} for row in rows],
+        "variant": manifest.variant, "chosen_bench": selection.chosen_bench,
+        "variants": [{**row.to_json(), "bench": row.bench} for row in selection.rows],
         "not_measured": not_measured,
     }
     return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()

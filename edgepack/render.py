@@ -57,8 +57,8 @@ def render_build(console: Console, result: Any) -> None:
     console.print(f"Parity ({parity.samples} rows, atol {parity.tolerance.atol:g}, rtol {parity.tolerance.rtol:g}): "
                   + ("[green]passed[/]" if parity.passed else "[red]failed[/]") + " — "
                   + "; ".join(d.describe() for d in parity.outputs), soft_wrap=True)
-    table = Table(title=f"Variants on {result.profile.name}", title_justify="left")
-    for column in ("variant", "size KiB", "accuracy vs fp32", "p50 ms", "p99 ms", "verdict", "why"):
+    table = Table(title=f"Variants on {result.profile.name} (accuracy: {result.metric_basis})", title_justify="left")
+    for column in ("variant", "size KiB", "accuracy", "p50 ms", "p99 ms", "verdict", "why"):
         table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
     for row in result.variants:
         bench = row.bench or {}

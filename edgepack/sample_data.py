@@ -93,3 +93,46 @@ def _numeric(cells: list[str]) -> bool:
     except ValueError:
         return False
     return True
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    rows: np.ndarray  # float32, batch first, like SampleData.rows
+    labels: np.ndarray  # 1-D: class labels or regression targets
+    origin: str
+
+
+def read_validation(path: Path, label_column: str | None = None) -> ValidationData:
+    """Labelled rows: an .npz with X and y, or a CSV whose label column is named (default: last)."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such validation file", "pass an .npz with X and y, or a CSV with a label column")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if not {"X", "y"} <= set(archive.files):
+                    raise InputError(f"{path}: an .npz validation file needs arrays X and y, has {archive.files}",
+                                     "save it with numpy.savez(path, X=rows, y=labels)")
+                rows, labels = archive["X"], archive["y"]
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(f"{path}: not a readable .npz file ({err})", "save it with numpy.savez") from None
+    elif suffix == ".csv":
+        table, header = _read_csv(path)
+        if not header:
+            raise InputError(f"{path}: a CSV validation file needs a header naming the label column",
+                             "add a header row")
+        column = label_column or header[-1]
+        if column not in header:
+            raise InputError(f"{path}: no column named {column!r} (columns: {', '.join(header)})",
+                             "pass --label-column with one of them")
+        index = header.index(column)
+        rows, labels = np.delete(table, index, axis=1), table[:, index]
+    else:
+        raise InputError(f"{path}: validation files must be .npz or .csv", "save rows and labels as .npz X/y")
+    if len(rows) != len(labels) or len(rows) == 0:
+        raise InputError(f"{path}: {len(rows)} rows but {len(labels)} labels", "give one label per row")
+    if not np.isfinite(np.asarray(rows, dtype=np.float64)).all():
+        raise InputError(f"{path}: validation rows have NaN or infinite values", "clean the validation rows")
+    rows = np.asarray(rows, dtype=np.float32)
+    return ValidationData(rows.reshape(len(rows), -1) if rows.ndim == 1 else rows, np.asarray(labels).reshape(-1),
+                          path.name)

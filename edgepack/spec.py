@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgepack.convert.base import model_file
 from edgepack.errors import InputError
-from edgepack.quantize import VARIANTS_FOR_MODE, QuantizeMode
+from edgepack.quantize import VARIANTS_FOR_MODE, CalibrationMethod, QuantizeMode
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -23,6 +23,11 @@ class BuildSpec:
     out: Path = Path("dist")
     name: str | None = None
     quantize: QuantizeMode = "auto"
+    calibration: Path | None = None
+    calibration_method: CalibrationMethod = "minmax"
+    validation: Path | None = None
+    label_column: str | None = None
+    max_accuracy_drop: float = 1.0
     weights: Path | None = None
     allow_pickle: bool = False
     trust: tuple[str, ...] = ()
@@ -30,7 +35,7 @@ class BuildSpec:
     rtol: float = 1e-3
     min_agreement: float = 0.99
     batch: int = 1
-    bench_time_s: float = 1.0
+    bench_time_s: float = 0.5
     max_p99_ms: float | None = None
     max_size_mb: float | None = None
 
@@ -44,6 +49,11 @@ class BuildSpec:
         for flag, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if value < 0:
                 raise InputError(f"{flag} must be >= 0, got {value}", "give a non-negative tolerance")
+        if self.calibration_method not in ("minmax", "entropy", "percentile"):
+            raise InputError(f"--calibration-method {self.calibration_method!r} is not a method",
+                             "choose one of minmax, entropy, percentile")
+        if self.max_accuracy_drop < 0:
+            raise InputError(f"--max-accuracy-drop must be >= 0, got {self.max_accuracy_drop}", "e.g. 1")
         if not 0 <= self.min_agreement <= 1:
             raise InputError(f"--min-agreement must be within 0..1, got {self.min_agreement}", "e.g. 0.99")
         if self.batch < 1 or self.bench_time_s <= 0:

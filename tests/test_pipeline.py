@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityError
+from edgepack.bench.runner import paired_ratio
 from edgepack.pipeline import build
 from edgepack.runtime.session import create_session
 
@@ -70,10 +71,10 @@ def test_int8_variant_is_checked_and_either_chosen_or_dropped_with_reason(spec_f
     result = build(spec_for("classifier.skops", quantize="int8-dynamic"))
     rows = {row.name: row for row in result.variants}
     int8 = rows["int8-dynamic"]
-    assert int8.accuracy_report is not None
-    assert int8.accuracy_report.outputs[0].agreement >= 0.99
+    assert int8.agreement is not None
+    assert int8.agreement.outputs[0].agreement >= 0.99
     assert int8.bench is not None and rows["fp32"].bench is not None
-    faster = int8.bench["p50_ms"] < rows["fp32"].bench["p50_ms"] * 0.97
+    faster = paired_ratio(int8.bench, rows["fp32"].bench) < 0.97
     assert result.manifest.variant == ("int8-dynamic" if faster else "fp32")
     assert int8.reason and rows["fp32"].reason
 
@@ -85,10 +86,9 @@ def test_variant_outside_tolerance_is_dropped(data_dir, tmp_path):
 
     from edgepack.convert.base import LoadOptions
     from edgepack.convert.sklearn import SklearnConverter
-    from edgepack.pipeline import _check_variants, _run
     from edgepack.quantize import Variant
     from edgepack.sample_data import read_sample
-    from edgepack.spec import BuildSpec
+    from edgepack.select import EvalData, SelectOptions, _evaluate, _reference_row, run_model
 
     sample = read_sample(data_dir / "sample.npy")
     source = SklearnConverter().load(data_dir / "classifier.skops", LoadOptions())
@@ -98,12 +98,21 @@ def test_variant_outside_tolerance_is_dropped(data_dir, tmp_path):
     other = LogisticRegression().fit(sample.rows, shuffled)
     impostor = tmp_path / "impostor.onnx"
     impostor.write_bytes(to_onnx(other, sample.rows[:1], options={"zipmap": False}, target_opset=17).SerializeToString())
-    names, outputs = _run(fp32, sample.rows)
-    spec = BuildSpec(model=data_dir / "classifier.skops", sample=data_dir / "sample.npy")
-    rows = _check_variants([Variant("fp32", fp32), Variant("int8-dynamic", impostor)], names, outputs,
-                           source, sample, spec)
-    assert rows[1].verdict == "dropped"
-    assert rows[1].reason.startswith("outside tolerance of fp32: label: label agreement")
+    names, outputs = run_model(fp32, sample.rows)
+    # Without labels: agreement with fp32 decides.
+    unlabelled = EvalData(sample.rows, None, "sample")
+    row = _evaluate(Variant("int8-dynamic", impostor), names, source.output_kinds, outputs, unlabelled, None,
+                    SelectOptions())
+    assert row.verdict == "dropped"
+    assert row.reason.startswith("outside tolerance of fp32: label: label agreement")
+    # With labels: the task metric against fp32's decides.
+    labelled = EvalData(sample.rows, source.native.predict(sample.rows), "labels")
+    reference = _reference_row(Variant("fp32", fp32), source.output_kinds, outputs, labelled)
+    row = _evaluate(Variant("int8-dynamic", impostor), names, source.output_kinds, outputs, labelled,
+                    reference.metric, SelectOptions(max_accuracy_drop=1.0))
+    assert reference.metric.value == 1.0
+    assert row.verdict == "dropped" and row.reason.startswith("accuracy drop beyond --max-accuracy-drop 1 points")
+    assert row.metric.value < 0.9 and row.metric.change.endswith("pt")
 
 
 def test_quantize_none_and_non_quantizable_model(spec_for):

@@ -64,13 +64,27 @@ def paired_ratio(candidate: dict[str, Any], baseline: dict[str, Any]) -> float:
     return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
 
 
+def compare_onnx(models: dict[str, Path], sample: dict[str, np.ndarray] | None, profile: Profile,
+                 settings: BenchSettings, rounds: int = 5) -> dict[str, Any]:
+    """Time several ONNX files against each other in one child process, in alternating rounds."""
+    profile.require_runnable_here()
+    with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
+        args = [arg for name, path in models.items() for arg in ("--compare", f"{name}={path}")]
+        args += ["--rounds", str(rounds)]
+        if sample is not None:
+            inputs = Path(tmp) / "input.npz"
+            np.savez(inputs, **sample)
+            args += ["--input", str(inputs)]
+        return _run(args, profile, settings, timeout_s=len(models) * settings.loop.max_time_s)
+
+
 def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
     """Benchmark an unpacked bundle; the child verifies every checksum before loading the model."""
     profile.require_runnable_here()
     return _run(["--bundle", str(root)], profile, settings)
 
 
-def _run(args: list[str], profile: Profile, settings: BenchSettings) -> dict[str, Any]:
+def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: float | None = None) -> dict[str, Any]:
     command = [
         sys.executable, "-m", "edgepack.runtime.bench", *args,
         "--threads", str(profile.onnxruntime.threads),
@@ -85,7 +99,7 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings) -> dict[str
         command += ["--memory-mb", str(profile.memory_mb)]
     try:
         done = subprocess.run(command, capture_output=True, text=True,
-                              timeout=settings.loop.max_time_s + _SLACK_S, check=False)
+                              timeout=(timeout_s or settings.loop.max_time_s) + _SLACK_S, check=False)
     except subprocess.TimeoutExpired:
         raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
                             "lower --bench-time or check the model") from None

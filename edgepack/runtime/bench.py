@@ -121,7 +121,7 @@ def apply_limits(limits: Limits) -> Enforcement:
 def environment(threads: int | None) -> dict[str, Any]:
     import onnxruntime as ort
 
-    cpu_model, flags = _cpu_info()
+    cpu_model, flags = cpu_info()
     return {
         "machine": platform.machine(),
         "system": platform.system(),
@@ -172,8 +172,48 @@ def bench_model(
     }
 
 
-def _cpu_info() -> tuple[str, list[str]]:
-    interesting = {"avx", "avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma", "f16c", "asimd", "asimddp", "sve"}
+def compare_models(
+    models: dict[str, Path], sample: dict[str, np.ndarray] | None, limits: Limits, config: LoopConfig,
+    rounds: int = 5, batch: int = 1, providers: list[str] | None = None,
+) -> dict[str, Any]:
+    """Time several models in one process, in alternating rounds, so they share every burst of load.
+
+    Each round runs every model's loop for ``config.min_time_s / rounds``; the per-round medians
+    let the caller compare models pair by pair. Memory is shared here, so it is not reported per model.
+    """
+    from .session import create_session, make_feed
+
+    enforcement = apply_limits(limits)
+    sessions, per_model = {}, {}
+    for name, path in models.items():
+        session, create_s = create_session(path, limits.threads, providers=providers)
+        feed, source = make_feed(session, sample, batch)
+        started = time.perf_counter()
+        session.run(None, feed)
+        sessions[name] = functools.partial(session.run, None, feed)
+        per_model[name] = {"session_create_ms": create_s * 1000,
+                           "first_inference_ms": (time.perf_counter() - started) * 1000,
+                           "model_bytes": path.stat().st_size, "input_source": source}
+    share = LoopConfig(warmup_runs=config.warmup_runs, warmup_s=config.warmup_s / rounds,
+                       min_runs=max(config.min_runs // rounds, 10), min_time_s=config.min_time_s / rounds,
+                       max_time_s=config.max_time_s / rounds)
+    samples: dict[str, list[list[int]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, run in sessions.items():
+            samples[name].append(time_runs(run, share))
+    results = {}
+    for name, by_round in samples.items():
+        flat = [value for chunk in by_round for value in chunk]
+        results[name] = {**summarize(flat, batch), **per_model[name], "batch": batch,
+                         "rounds_p50_ms": [float(np.median(chunk)) / 1e6 for chunk in by_round]}
+    return {"models": results, "rounds": rounds, "limits": enforcement.applied, "loop": asdict(config),
+            "environment": environment(limits.threads), "measured_on": "this host"}
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """The CPU's model name and the instruction-set flags that decide which kernels run."""
+    interesting = {"avx", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "fma", "f16c",
+                   "asimd", "asimddp", "asimdhp", "sve", "i8mm"}
     model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -196,7 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--bundle", type=Path, help="unpacked bundle folder (default: the one holding this runtime)")
     parser.add_argument("--model", type=Path, help="benchmark this ONNX file instead of a bundle (no checksums)")
-    parser.add_argument("--input", type=Path, help=".npz of sample inputs for --model")
+    parser.add_argument("--input", type=Path, help=".npz of sample inputs for --model or --compare")
+    parser.add_argument("--compare", action="append", metavar="NAME=PATH",
+                        help="time several ONNX files against each other in alternating rounds (repeat)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds for --compare")
     parser.add_argument("--threads", type=int, help="intra-op threads, 0 = one per core (default: the bundle's target)")
     parser.add_argument("--cpus", type=int, help="pin to this many cores, 0 = no pinning (default: the bundle's target)")
     parser.add_argument("--memory-mb", type=int, help="the profile's memory limit, for the report")
@@ -209,6 +252,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _loop(args: argparse.Namespace) -> LoopConfig:
+    return LoopConfig(warmup_runs=args.warmup_runs, min_runs=args.min_runs,
+                      min_time_s=args.min_time, max_time_s=args.max_time)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bundle import verify_dir
     from .session import load_inputs
@@ -216,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         target: dict[str, Any] = {}
+        if args.compare:
+            models = dict(item.split("=", 1) for item in args.compare)
+            missing = [path for path in models.values() if not Path(path).is_file()]
+            if missing:
+                raise InputError(f"{missing[0]}: no such model file", "check the path")
+            sample = None if args.random_input or args.input is None else load_inputs(args.input)
+            report = compare_models({name: Path(path) for name, path in models.items()}, sample,
+                                    Limits(args.threads, args.cpus, args.memory_mb), _loop(args),
+                                    rounds=args.rounds, batch=args.batch)
+            print(json.dumps(report, indent=2))
+            return 0
         if args.model is not None:
             if not args.model.is_file():
                 raise InputError(f"{args.model}: no such model file", "check the path")
@@ -232,11 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             cpus=args.cpus if args.cpus is not None else target.get("cpus"),
             memory_mb=args.memory_mb if args.memory_mb is not None else target.get("memory_mb"),
         )
-        config = LoopConfig(
-            warmup_runs=args.warmup_runs, min_runs=args.min_runs,
-            min_time_s=args.min_time, max_time_s=args.max_time,
-        )
-        report = bench_model(model, sample, limits, config, batch=args.batch,
+        report = bench_model(model, sample, limits, _loop(args), batch=args.batch,
                              providers=target.get("providers"))
         report["model"] = name
     except EdgepackError as err:
