@@ -7,12 +7,14 @@ from pathlib import Path
 from edgepack.convert.base import Converter, model_file
 from edgepack.convert.boosting import BoostingConverter
 from edgepack.convert.sklearn import SklearnConverter
+from edgepack.convert.torch import TorchConverter
 from edgepack.errors import InputError
 
 # Converters import their framework lazily, so listing them here costs nothing. One per line.
 CONVERTERS: tuple[Converter, ...] = (
     SklearnConverter(),
     BoostingConverter(),
+    TorchConverter(),
 )
 
 

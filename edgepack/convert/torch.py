@@ -1,0 +1,428 @@
+"""PyTorch models to ONNX with torch.onnx: a TorchScript file, or ``module.py:factory`` plus a state dict.
+
+The two forms a model can be given in:
+
+- a TorchScript archive (``torch.jit.save``; ``.pt``, ``.pth`` or ``.ts``), read with ``torch.jit.load``;
+- ``module.py:factory --weights state_dict.pt``: edgepack imports ``module.py`` (which runs its code:
+  the user names their own file), calls ``factory()`` for an ``nn.Module`` and loads the weights
+  into it with ``torch.load(weights_only=True)``. Nothing is ever unpickled: a whole model saved
+  with ``torch.save(model)`` is refused, not loaded.
+
+Export: the dynamo exporter (``torch.export`` + onnxscript) for ``nn.Module`` objects; the
+TorchScript exporter for TorchScript archives (``torch.export`` cannot trace a ScriptModule),
+where onnxscript is missing, for opsets below 18, and as the fallback when dynamo fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import logging
+import pickle
+import re
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgepack.convert.base import LoadOptions, SourceModel, model_file
+from edgepack.errors import ConversionError, InputError, UnsupportedHere
+from edgepack.runtime.bundle import sha256_file
+from edgepack.sample_data import SampleData
+
+# Unpinned, pip resolves torch to a multi-GB CUDA build; the pinned version is a CPU wheel here.
+TORCH_INSTALL = 'pip install torch==2.13.0 && pip install -e ".[torch]"'
+EXPORT_GUIDE = "https://docs.pytorch.org/docs/stable/onnx_export.html"
+DYNAMO, TORCHSCRIPT = "torch.onnx (dynamo)", "torch.onnx (torchscript)"
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+# The dynamo exporter implements operators from opset 18 on; asked for less, it exports at 18 and
+# down-converts with onnx's version converter, which lacks adapters for common operators (Relu
+# 14 -> 13) and then silently keeps opset 18. Below 18 the TorchScript exporter writes the opset natively.
+DYNAMO_MIN_OPSET = 18
+LOWEST_EXPORT_OPSET = 17  # every supported torch's TorchScript exporter writes up to this one
+# torch.export specializes a dimension of size 0 or 1 to a constant: trace with a batch of 2.
+EXAMPLE_BATCH = 2
+PREDICT_CHUNK = 1024  # rows per forward pass of the original, to bound its memory
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def missing_torch_error() -> UnsupportedHere:
+    return UnsupportedHere("PyTorch models need the torch extra, which is not installed here",
+                           f"{TORCH_INSTALL}; always pin torch: unpinned, pip pulls a multi-GB CUDA build")
+
+
+def _import_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise missing_torch_error() from None
+    return torch
+
+
+def _import_onnxscript() -> Any:
+    """onnxscript where installed (the dynamo exporter needs it); None sends exports to TorchScript."""
+    try:
+        import onnxscript
+    except ImportError:
+        return None
+    return onnxscript
+
+
+class TorchConverter:
+    name = "pytorch"
+    formats = "PyTorch TorchScript .pt/.pth/.ts, or module.py:factory with --weights state_dict.pt"
+    suffixes = (".pt", ".pth", ".ts")
+
+    def claims(self, path: Path) -> bool:
+        # ``model.py:make_model`` (model_file strips the factory), or a bare ``model.py``, which
+        # load() answers with how to name the factory.
+        return model_file(path) != path or path.suffix.lower() in (*self.suffixes, ".py")
+
+    def load(self, path: Path, options: LoadOptions) -> SourceModel:
+        if model_file(path) == path and path.suffix.lower() == ".py":
+            raise InputError(f"{path.name}: name the function in it that builds the model",
+                             f"pass {path.name}:FACTORY --weights state_dict.pt, naming the function that returns the nn.Module")
+        torch = _import_torch()
+        if model_file(path) != path:
+            model, digest = _load_factory_model(path, options.weights)
+            file_format = "module + state dict"
+        else:
+            if options.weights is not None:
+                raise InputError(f"--weights is for module.py:factory models; {path.name} is TorchScript and "
+                                 "carries its own weights", f"drop --weights {options.weights.name}")
+            model, digest, file_format = _load_torchscript(path), sha256_file(path), "torchscript"
+        model.eval()
+        scripted = isinstance(model, torch.jit.ScriptModule)
+        onnxscript = None if scripted else _import_onnxscript()
+        dynamo = onnxscript is not None
+        versions = {"torch": torch.__version__.split("+")[0]}
+        if onnxscript is not None:
+            versions["onnxscript"] = onnxscript.__version__
+        return SourceModel(
+            framework="pytorch",
+            file_format=file_format,
+            path=path,
+            sha256=digest,
+            estimator=getattr(model, "original_name", None) or type(model).__name__,
+            input_shape=None,  # neither form records the input's shape; the sample fixes it
+            output_kinds=("values",),
+            predict=lambda rows: [_predict(model, rows)],
+            native=model,
+            versions=versions,
+            converter=DYNAMO if dynamo else TORCHSCRIPT,
+        )
+
+    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
+        torch = _import_torch()
+        model, opset = source.native, opsets[""]
+        rows = sample.rows if len(sample.rows) >= EXAMPLE_BATCH else np.repeat(sample.rows, EXAMPLE_BATCH, axis=0)
+        example = torch.from_numpy(np.ascontiguousarray(rows[:EXAMPLE_BATCH], dtype=np.float32))
+        _check_takes_sample(model, example, source, sample)
+
+        exported, used, dynamo_failure = None, TORCHSCRIPT, ""
+        if source.converter == DYNAMO and opset >= DYNAMO_MIN_OPSET:
+            try:
+                exported, used = _export_dynamo(model, example, opset), DYNAMO
+            except Exception as err:  # torch.export fails in many ways on code it cannot trace
+                dynamo_failure = f"dynamo: {_reason(err)}; "
+        if exported is None:
+            try:
+                exported = _export_torchscript(model, example, opset)
+            except Exception as err:  # the TorchScript exporter too
+                raise ConversionError(
+                    f"torch.onnx could not export {source.estimator}: {dynamo_failure}torchscript: {_reason(err)}",
+                    f"see {EXPORT_GUIDE}; run with --debug for the traceback",
+                ) from err
+        exported = _at_opset(exported, opset)
+        _drop_initializer_value_info(exported)
+        _check_batch_axis(exported, rows, source)
+        # SourceModel is frozen and made before the export; the model itself records which
+        # exporter wrote it, so a fallback to TorchScript is never hidden.
+        exported.metadata_props.add(key="edgepack.converter", value=used)
+        return exported
+
+
+def _load_factory_model(path: Path, weights: Path | None) -> tuple[Any, str]:
+    """The module built by ``factory()`` with the weights loaded; the sha256 of the two files.
+
+    The sha256 is that of the text "<module sha256>\\n<weights sha256>\\n" (hex digests): it
+    changes when either file does and does not depend on the files' names.
+    """
+    torch = _import_torch()
+    text, _, factory_name = str(path).rpartition(":")
+    module_path = Path(text)
+    if not factory_name.isidentifier():
+        raise InputError(f"{path.name}: {factory_name!r} is not a function name",
+                         f"write {module_path.name}:make_model, naming the function that builds the model")
+    if weights is None:
+        raise InputError(f"{path.name} needs its trained weights",
+                         "pass --weights with the state dict, saved by torch.save(model.state_dict(), path)")
+    if not weights.is_file():
+        raise InputError(f"{weights}: no such weights file", "pass --weights with the state dict file")
+    state = _read_state_dict(weights)  # before running any of the user's code: it is the cheap check
+    with _directory_on_path(module_path.parent):
+        module = _import_module(module_path)
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            defined = [name for name, value in vars(module).items()
+                       if callable(value) and getattr(value, "__module__", None) == module.__name__]
+            raise InputError(f"{module_path.name} has no function {factory_name}",
+                             f"name one of {', '.join(defined)}" if defined else
+                             f"define def {factory_name}() -> torch.nn.Module in it")
+        try:
+            model = factory()
+        except Exception as err:  # the user's factory can fail in any way
+            raise InputError(f"{factory_name}() in {module_path.name} raised {_reason(err)}",
+                             "fix the factory: edgepack calls it with no arguments; run with --debug for the traceback") from err
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{factory_name}() in {module_path.name} returned a {type(model).__name__}, not a torch.nn.Module",
+                         "return the nn.Module itself from the factory")
+    _load_weights(model, state, weights.name, f"{factory_name}()")
+    digest = hashlib.sha256(f"{sha256_file(module_path)}\n{sha256_file(weights)}\n".encode()).hexdigest()
+    return model, digest
+
+
+@contextlib.contextmanager
+def _directory_on_path(folder: Path) -> Iterator[None]:
+    """The module's folder on sys.path while it is imported and its factory runs, for sibling imports."""
+    entry = str(folder.resolve())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
+def _import_module(path: Path) -> ModuleType:
+    # A private name, so a user's file called e.g. torch.py can never replace a real package.
+    name = f"edgepack_model_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"{path.name} cannot be imported as a Python module", "pass a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and typing look their module up while it runs
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as err:  # the user's module can fail in any way
+        sys.modules.pop(name, None)
+        raise InputError(f"importing {path.name} failed: {_reason(err)}",
+                         "fix the module; run with --debug for the traceback") from err
+    return module
+
+
+def _read_state_dict(path: Path) -> Mapping[str, Any]:
+    torch = _import_torch()
+    if _is_torchscript(path):
+        raise InputError(f"--weights {path.name} is a TorchScript model, not a state dict",
+                         f"build it on its own, without --weights: edgepack build {path.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(f"{path.name} holds more than weights (a pickled model or other objects); edgepack "
+                         "loads weights only and never unpickles",
+                         "save the weights alone: torch.save(model.state_dict(), path)") from None
+    except Exception as err:  # torch.load fails in many ways on a file that is not its own
+        raise InputError(f"{path.name} is not a readable torch.save file ({_reason(err)})",
+                         "save the weights with torch.save(model.state_dict(), path)") from None
+    if not _is_state_dict(state):
+        held = (f"a dict with non-tensor entries ({', '.join(map(str, list(state)[:4]))})"
+                if isinstance(state, Mapping) else f"a {type(state).__name__}")
+        raise InputError(f"{path.name} is not a state dict: it holds {held}",
+                         "save model.state_dict() itself, not a checkpoint wrapped around it")
+    return state
+
+
+def _load_weights(model: Any, state: Mapping[str, Any], weights_name: str, built_by: str) -> None:
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    resized = [f"{key} file {_dims(state[key].shape)} vs model {_dims(value.shape)}"
+               for key, value in expected.items() if key in state and state[key].shape != value.shape]
+    problems = [f"{label} {_some(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("sizes differ:", resized)) if keys]
+    hint = "pass the state dict saved from the model this factory builds"
+    if problems:
+        raise InputError(f"{weights_name} does not fit the model {built_by} builds: {'; '.join(problems)}", hint)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # a dtype or custom-hook problem the checks above do not see
+        raise InputError(f"{weights_name} does not fit the model {built_by} builds: {_reason(err)}", hint) from None
+
+
+def _load_torchscript(path: Path) -> Any:
+    torch = _import_torch()
+    if not _is_torchscript(path):
+        save_it = ("save the model with torch.jit.save(torch.jit.script(model), path), or pass "
+                   "module.py:factory --weights state_dict.pt")
+        try:
+            held = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise InputError(f"{path.name} is a pickled torch.save file, not TorchScript; edgepack never unpickles",
+                             save_it) from None
+        except Exception:  # not torch's at all: say what edgepack reads
+            held = None
+        if _is_state_dict(held):
+            raise InputError(f"{path.name} is a state dict (weights only), not a TorchScript model",
+                             f"pass the module that builds the network with it: module.py:factory --weights {path.name}")
+        raise InputError(f"{path.name} is not a TorchScript archive", save_it)
+    try:
+        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; the archive is what was given
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # a damaged archive fails in many ways
+        raise InputError(f"{path.name} is not a loadable TorchScript archive ({_reason(err)})",
+                         "save it again with torch.jit.save") from None
+
+
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a ``constants.pkl`` record; torch.save files have none."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _is_state_dict(held: Any) -> bool:
+    torch = _import_torch()
+    return isinstance(held, Mapping) and all(isinstance(value, torch.Tensor) for value in held.values())
+
+
+def _check_takes_sample(model: Any, example: Any, source: SourceModel, sample: SampleData) -> None:
+    torch = _import_torch()
+    try:
+        with torch.no_grad():
+            output = model(example)
+    except Exception as err:  # a shape or dtype mismatch, raised from anywhere in forward
+        shape = _dims(sample.feature_shape)
+        raise InputError(f"{source.estimator} cannot take the sample's rows of shape {shape}: {_reason(err)}",
+                         "pass --sample rows shaped like the model's input, batch first: e.g. N x 1 x 8 x 8 for images") from err
+    _one_tensor(output, source.estimator)
+
+
+def _one_tensor(output: Any, estimator: str) -> Any:
+    torch = _import_torch()
+    if isinstance(output, torch.Tensor):
+        return output
+    count = f"{len(output)} values" if isinstance(output, (tuple, list, dict)) else f"a {type(output).__name__}"
+    raise ConversionError(f"{estimator}'s forward returns {count}; edgepack converts models with one output tensor",
+                          "wrap the model so forward returns the logits tensor alone")
+
+
+def _predict(model: Any, rows: np.ndarray) -> np.ndarray:
+    torch = _import_torch()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    with torch.no_grad():
+        parts = [_one_tensor(model(torch.from_numpy(rows[start:start + PREDICT_CHUNK])), "the model").numpy()
+                 for start in range(0, len(rows), PREDICT_CHUNK)]
+    return np.concatenate(parts)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """The exporters print progress and log warnings (e.g. torchvision missing): stdout carries --json."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _export_dynamo(model: Any, example: Any, opset: int) -> onnx.ModelProto:
+    torch = _import_torch()
+    with _quiet_export():
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )
+    return program.model_proto
+
+
+def _export_torchscript(model: Any, example: Any, opset: int) -> onnx.ModelProto:
+    """At ``opset``, or (past what this torch writes) the newest it writes, converted up after."""
+    torch = _import_torch()
+    for version in range(opset, LOWEST_EXPORT_OPSET - 1, -1) if opset > LOWEST_EXPORT_OPSET else [opset]:
+        buffer = io.BytesIO()
+        try:
+            with _quiet_export():
+                torch.onnx.export(
+                    model, (example,), buffer, dynamo=False, opset_version=version, input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                )
+        except (RuntimeError, ValueError) as err:
+            if "opset" in str(err).lower() and version > LOWEST_EXPORT_OPSET:
+                continue  # e.g. "Unsupported onnx_opset_version: 24": try the one below
+            raise
+        return onnx.load_from_string(buffer.getvalue())
+    raise AssertionError("unreachable: the lowest opset either exports or raises")
+
+
+def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), opset)
+    if current == opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as err:  # the converter lacks adapters for some operators and versions
+        raise ConversionError(f"the exporter wrote opset {current}; onnx could not convert it to the target's "
+                              f"opset {opset} ({_reason(err)})",
+                              f"target an onnxruntime that runs opset {current}, or upgrade torch") from None
+
+
+def _drop_initializer_value_info(model: onnx.ModelProto) -> None:
+    """The dynamo exporter also lists each weight in value_info, which adds nothing (an initializer
+    carries its shape). onnxruntime's int8 quantizer transposes Gemm weights under the same name;
+    the stale entry then contradicts shape inference and no int8 variant can be made."""
+    weights = {initializer.name for initializer in model.graph.initializer}
+    kept = [info for info in model.graph.value_info if info.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+def _check_batch_axis(model: onnx.ModelProto, rows: np.ndarray, source: SourceModel) -> None:
+    """A forward that fixes the batch size (``x.view(2, -1)``) exports a graph that only takes that batch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    for batch in (1, EXAMPLE_BATCH + 1):
+        batch_rows = np.ascontiguousarray(np.resize(rows, (batch, *rows.shape[1:])), dtype=np.float32)
+        try:
+            session.run(None, {name: batch_rows})
+        except Exception as err:  # onnxruntime reports shape errors with several types
+            raise ConversionError(
+                f"the exported {source.estimator} does not take a batch of {batch} ({_reason(err)})",
+                "keep forward independent of the batch size, e.g. x.flatten(1) instead of x.view(2, -1)",
+            ) from None
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause's type and first line: exporter errors wrap the real one in pages of advice."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = _ANSI.sub("", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _some(items: list[str], shown: int = 3) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
