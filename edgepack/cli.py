@@ -94,7 +94,7 @@ def main_options(
 @app.command()
 @error_boundary
 def build(
-    model: Path = typer.Argument(..., help="Trained model: .skops, or .pkl/.joblib with --allow-pickle."),
+    model: Path = typer.Argument(..., help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, or .onnx."),
     weights: Optional[Path] = typer.Option(None, help="State dict for a PyTorch model given as module.py:factory."),
     target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
     sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv with header): fix the signature, drive parity and benchmarks."),
@@ -139,6 +139,45 @@ def build(
         print(json.dumps(result.to_json(), indent=2))
     else:
         render_build(_stdout(), result)
+
+
+@app.command()
+@error_boundary
+def quantize(
+    model: Path = typer.Argument(..., help="An ONNX model file."),
+    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv): drive the checks and timings."),
+    input_shape: Optional[str] = typer.Option(None, help="One sample's shape without the batch axis when there is no sample file."),
+    target: str = typer.Option("edge", "--target", "-t", help="Profile to time the variants on (see `edgepack profiles`)."),
+    out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the chosen model and its comparison table."),
+    mode: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | int8-static | fp16 | auto."),
+    calibration: Optional[Path] = typer.Option(None, help="Rows for static int8 calibration (default: the sample)."),
+    calibration_method: str = typer.Option("minmax", help="minmax | entropy | percentile."),
+    validation: Optional[Path] = typer.Option(None, help="Labelled rows: .npz with X and y, or .csv with a label column."),
+    label_column: Optional[str] = typer.Option(None, help="Label column of a CSV validation file (default: the last)."),
+    max_accuracy_drop: float = typer.Option(1.0, help="Accuracy points (classifiers) or % RMSE (regressors) a variant may lose."),
+    min_agreement: float = typer.Option(0.99, help="Without labels: least share of labels that must agree with fp32."),
+    bench_time: float = typer.Option(0.5, help="Timed seconds per variant, split over 5 alternating rounds."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+) -> None:
+    """Run the quantize stage alone on an ONNX model: write the fastest accurate variant and the table."""
+    from edgepack.pipeline import quantize_only
+    from edgepack.render import ProgressReporter, render_variants
+    from edgepack.spec import BuildSpec
+
+    spec = BuildSpec(model=model, target=target, sample=sample, input_shape=input_shape, out=out,
+                     quantize=mode, calibration=calibration, calibration_method=calibration_method,  # type: ignore[arg-type]
+                     validation=validation, label_column=label_column, max_accuracy_drop=max_accuracy_drop,
+                     min_agreement=min_agreement, bench_time_s=bench_time)
+    with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
+        result = quantize_only(spec, reporter)
+    if json_out:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        console = _stdout()
+        render_variants(console, result.selection.rows, result.profile.name, result.selection.metric_basis)
+        console.print(f"Chosen: [bold]{result.selection.chosen.name}[/] → {result.model}; table in {result.report}",
+                      soft_wrap=True)
 
 
 @app.command()

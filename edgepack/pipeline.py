@@ -18,18 +18,18 @@ import onnx
 
 import edgepack
 from edgepack.bench.profiles import Profile, all_profiles, resolve_profile
-from edgepack.convert.base import LoadOptions, SourceModel
+from edgepack.convert.base import LoadOptions, SourceModel, recorded_converter
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
 from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityError
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
-from edgepack.quantize import QuantizeConfig, canonicalize, check_calibration, needs_reduce_range, optimize_fp32
+from edgepack.quantize import CALIBRATION_ROWS, QuantizeConfig, canonicalize, needs_reduce_range, optimize_fp32
 from edgepack.runtime.bench import cpu_info
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.session import create_session, numpy_dtype
-from edgepack.sample_data import SampleData, random_sample, read_sample, read_validation
+from edgepack.sample_data import SampleData, check_rows, random_sample, read_sample, read_validation
 from edgepack.select import EvalData, Selection, SelectOptions, VariantRow, choose_variant, run_model
 from edgepack.spec import BuildSpec
 from edgepack.validate import PARITY, ParityReport, compare
@@ -94,10 +94,13 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
+    if spec.weights is not None and converter.name != "pytorch":
+        raise InputError(f"--weights applies to PyTorch models given as module.py:factory, not to {converter.name}",
+                         "drop --weights")
     source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
     _check_features(source, sample)
     if validation is not None:
-        _check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
     config = quantize_config(spec, profile, sample)
     reporter.finish("load", f"{source.estimator} ({source.file_format}, {_dims(sample.feature_shape)})")
 
@@ -105,6 +108,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     opset = min(opset, onnx.defs.onnx_opset_version())
     reporter.start("convert", f"Converting to ONNX (opset {opset})")
     model = converter.convert(source, sample, {"": opset, "ai.onnx.ml": ml_opset})
+    source = replace(source, converter=recorded_converter(model) or source.converter)
     clamp_ir_version(model, ir_version)
     canonicalize(model)
     try:
@@ -171,15 +175,62 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     )
 
 
+@dataclass
+class QuantizeResult:
+    model: Path
+    report: Path
+    profile: Profile
+    selection: Selection
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": str(self.model), "report": str(self.report), "profile": self.profile.name,
+                "variant": self.selection.chosen.name, "metric_basis": self.selection.metric_basis,
+                "variants": [row.to_json() for row in self.selection.rows],
+                "bench": {self.profile.name: self.selection.chosen_bench} if self.selection.chosen_bench else {}}
+
+
+def quantize_only(spec: BuildSpec, reporter: Reporter | None = None) -> QuantizeResult:
+    """The quantize stage alone, for an ONNX file: variants, gate, timing, the chosen model written out."""
+    from edgepack.convert.onnx_file import OnnxConverter
+
+    reporter = reporter or SilentReporter()
+    if spec.model.suffix.lower() != ".onnx":
+        raise InputError(f"{spec.model.name}: `edgepack quantize` takes an ONNX file",
+                         "convert other models with `edgepack build`")
+    converter_for(spec.model)  # the same existence checks as build
+    profile = resolve_profile(spec.target)
+    sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
+    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
+    source = OnnxConverter().load(spec.model, LoadOptions())
+    _check_features(source, sample)
+    if validation is not None:
+        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+    config = quantize_config(spec, profile, sample)
+    with tempfile.TemporaryDirectory(prefix="edgepack-quantize-") as tmp:
+        workdir = Path(tmp)
+        fp32 = optimize_fp32(spec.model, workdir / "model.fp32.onnx")
+        assert fp32.path is not None
+        evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
+                      else EvalData(sample.rows, None, sample.origin))
+        bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
+        selection = choose_variant(fp32, spec.model, source.output_kinds, evaluation, bench_sample, profile,
+                                   select_options(spec), config, workdir, reporter)
+        stem = spec.bundle_name
+        model = write_atomic(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())
+        table = {"model": str(model), "source": spec.model.name, "profile": profile.name,
+                 "variant": selection.chosen.name, "metric_basis": selection.metric_basis,
+                 "reduce_range": config.reduce_range, "calibration": config.calibration_origin,
+                 "variants": [{**row.to_json(), "bench": row.bench} for row in selection.rows]}
+        report = write_atomic(spec.out / f"{stem}.quantize.json",
+                              (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())
+    return QuantizeResult(model, report, profile, selection)
+
+
 def quantize_config(spec: BuildSpec, profile: Profile, sample: SampleData) -> QuantizeConfig:
     """Calibration rows (the --calibration file, else the sample) and the CPU-dependent choices."""
-    if spec.calibration is not None:
-        calibration = read_sample(spec.calibration)
-        rows = check_calibration(calibration.rows, sample.feature_shape, calibration.origin)
-        origin = calibration.origin
-    else:
-        rows, origin = check_calibration(sample.rows, sample.feature_shape, f"{sample.origin} (the sample)"), \
-            f"{sample.origin} (the sample)"
+    calibration = read_sample(spec.calibration) if spec.calibration is not None else sample
+    origin = calibration.origin if spec.calibration is not None else f"{sample.origin} (the sample)"
+    rows = check_rows(calibration.rows, sample.feature_shape, f"calibration data {origin}")[:CALIBRATION_ROWS]
     _, flags = cpu_info()
     return QuantizeConfig(calibration=rows, calibration_origin=origin, method=spec.calibration_method,
                           reduce_range=needs_reduce_range(profile.arch, flags))

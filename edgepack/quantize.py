@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 import onnx
 
-from edgepack.errors import InputError
 
 QuantizeMode = Literal["none", "int8-dynamic", "int8-static", "fp16", "auto"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -74,6 +73,8 @@ def make_variants(fp32_path: Path, mode: QuantizeMode, workdir: Path,
 
 def make_variant(name: str, fp32_path: Path, workdir: Path, config: QuantizeConfig) -> Variant:  # type: ignore[arg-type]
     target = workdir / f"model.{name}.onnx"
+    if config.calibration is not None:
+        fp32_path = typed_graph(fp32_path, config.calibration[:1], workdir)
     ops = {node.op_type for node in onnx.load(fp32_path, load_external_data=False).graph.node}
     if name.startswith("int8") and not ops & _QUANTIZABLE_OPS:
         # Trees and linear models become ai.onnx.ml operators, which int8 does not touch.
@@ -86,14 +87,14 @@ def make_variant(name: str, fp32_path: Path, workdir: Path, config: QuantizeConf
             _MAKERS[name](fp32_path, target, config, exclude)
     except Exception as err:  # the quantizers fail in many ways on graphs they do not expect
         target.unlink(missing_ok=True)
-        return Variant(name, None, f"could not be made: {type(err).__name__}: {_first_line(err)}")
+        return Variant(name, None, f"could not be made: {type(err).__name__}: {_first_line(err, workdir)}")
     model = onnx.load(target, load_external_data=False)
     if name.startswith("int8") and not {n.op_type for n in model.graph.node} & _QUANTIZED_OPS:
         target.unlink()
         return Variant(name, None, "the quantizer left every operator in float")
     canonicalize(model)
     target.write_bytes(model.SerializeToString())
-    if reason := _load_error(target):
+    if reason := _load_error(target, workdir):
         target.unlink()
         return Variant(name, None, f"onnxruntime cannot load it: {reason}")
     return Variant(name, target, excluded_nodes=exclude)
@@ -114,6 +115,7 @@ def optimize_fp32(source: Path, target: Path) -> Variant:
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         model = onnx.load(target)
+        strip_unused_imports(model)
         onnx.checker.check_model(model)
     except Exception:  # an optimizer problem must not block the model: ship it unoptimized
         target.unlink(missing_ok=True)
@@ -121,6 +123,54 @@ def optimize_fp32(source: Path, target: Path) -> Variant:
     canonicalize(model)
     target.write_bytes(model.SerializeToString())
     return Variant("fp32", target)
+
+
+def typed_graph(source: Path, rows: np.ndarray, workdir: Path) -> Path:
+    """The graph with a type for every intermediate tensor, which the quantizers need.
+
+    ONNX shape inference cannot type the outputs of some ai.onnx.ml operators (Scaler, for one),
+    and graphs saved by onnxruntime carry no value_info: the quantizers then fail on the tensors
+    that follow. Running the graph once with every intermediate exposed gives the real types.
+    """
+    from onnx import helper, shape_inference
+
+    target = workdir / f"{source.stem}.typed.onnx"
+    if target.exists():
+        return target
+    model = shape_inference.infer_shapes(onnx.load(source))
+    graph = model.graph
+    known = {v.name for v in [*graph.value_info, *graph.input, *graph.output]} | {i.name for i in graph.initializer}
+    missing = [out for node in graph.node for out in node.output if out and out not in known]
+    if not missing:
+        return source
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in missing)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = session.run(missing, {session.get_inputs()[0].name: rows})
+    except Exception:  # leave the graph as it is; the quantizer will say what it cannot do
+        return source
+    for name, value in zip(missing, values):
+        value = np.asarray(value)
+        shape = ["batch" if axis == 0 and value.ndim > 0 else size for axis, size in enumerate(value.shape)]
+        graph.value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), shape))
+    onnx.save(model, target)
+    return target
+
+
+def strip_unused_imports(model: onnx.ModelProto) -> None:
+    """Keep only the operator domains the graph uses: onnxruntime's saved graphs import every domain it
+    knows (com.microsoft.nchwc, org.pytorch.aten, ...), which an older runtime on a device may refuse."""
+    used = {node.domain for node in model.graph.node} | {""}
+    imports = [entry for entry in model.opset_import if entry.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
 
 
 def canonicalize(model: onnx.ModelProto) -> None:
@@ -131,17 +181,6 @@ def canonicalize(model: onnx.ModelProto) -> None:
     imports = sorted(model.opset_import, key=lambda entry: entry.domain)
     del model.opset_import[:]
     model.opset_import.extend(imports)
-
-
-def check_calibration(rows: np.ndarray, feature_shape: tuple[int, ...], origin: str) -> np.ndarray:
-    if tuple(rows.shape[1:]) != tuple(feature_shape):
-        raise InputError(
-            f"calibration data {origin} has rows of shape {tuple(rows.shape[1:])}, the model takes {feature_shape}",
-            "pass rows shaped like the sample data",
-        )
-    if not np.isfinite(rows).all():
-        raise InputError(f"calibration data {origin} has NaN or infinite values", "clean the calibration rows")
-    return np.ascontiguousarray(rows[:CALIBRATION_ROWS], dtype=np.float32)
 
 
 def sensitive_nodes(fp32_path: Path, quantized_path: Path, rows: np.ndarray, workdir: Path,
@@ -209,11 +248,15 @@ def _int8_static(per_channel: bool) -> Callable[[Path, Path, QuantizeConfig, tup
 
 
 def _fp16(source: Path, target: Path, config: QuantizeConfig, exclude: tuple[str, ...]) -> None:
+    import warnings
+
     from onnxconverter_common import float16
 
     # keep_io_types: callers keep sending float32; the casts sit inside the graph.
-    converted = float16.convert_float_to_float16(onnx.load(source), keep_io_types=True,
-                                                 node_block_list=list(exclude) or None)
+    with warnings.catch_warnings():  # it warns once per weight it clips to the fp16 range
+        warnings.simplefilter("ignore")
+        converted = float16.convert_float_to_float16(onnx.load(source), keep_io_types=True,
+                                                     node_block_list=list(exclude) or None)
     if not any(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer):
         raise ValueError("no float weights to convert")
     onnx.save(converted, target)
@@ -228,18 +271,19 @@ _MAKERS: dict[str, Callable[[Path, Path, QuantizeConfig, tuple[str, ...]], None]
 }
 
 
-def _load_error(path: Path) -> str | None:
+def _load_error(path: Path, workdir: Path) -> str | None:
     import onnxruntime as ort
 
     try:
         ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # any load failure disqualifies the variant
-        return _first_line(err)
+        return _first_line(err, workdir)
     return None
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
+def _first_line(err: Exception, workdir: Path) -> str:
+    # Reasons go into the manifest: no temporary paths, or two builds would differ.
+    text = str(err).strip().replace(f"{workdir}/", "").replace(str(workdir), "")
     return text.splitlines()[0][:200] if text else type(err).__name__
 
 

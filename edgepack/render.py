@@ -57,16 +57,7 @@ def render_build(console: Console, result: Any) -> None:
     console.print(f"Parity ({parity.samples} rows, atol {parity.tolerance.atol:g}, rtol {parity.tolerance.rtol:g}): "
                   + ("[green]passed[/]" if parity.passed else "[red]failed[/]") + " — "
                   + "; ".join(d.describe() for d in parity.outputs), soft_wrap=True)
-    table = Table(title=f"Variants on {result.profile.name} (accuracy: {result.metric_basis})", title_justify="left")
-    for column in ("variant", "size KiB", "accuracy", "p50 ms", "p99 ms", "verdict", "why"):
-        table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
-    for row in result.variants:
-        bench = row.bench or {}
-        style = "bold green" if row.verdict == "chosen" else "dim" if row.verdict == "skipped" else ""
-        why = f"{row.reason} ({row.speed})" if row.speed else row.reason
-        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", row.accuracy,
-                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, why, style=style)
-    console.print(table)
+    render_variants(console, result.variants, result.profile.name, result.metric_basis)
     latency = Table(title="Chosen variant per profile", title_justify="left")
     for column in ("profile", "p50 ms", "p99 ms", "throughput/s", "limits here"):
         latency.add_column(column)
@@ -85,6 +76,19 @@ def render_build(console: Console, result: Any) -> None:
     console.print("Next steps:")
     for step in result.next_steps:
         console.print(f"  {step}", soft_wrap=True, markup=False)
+
+
+def render_variants(console: Console, rows: list[Any], profile: str, metric_basis: str) -> None:
+    table = Table(title=f"Variants on {profile} (accuracy: {metric_basis})", title_justify="left")
+    for column in ("variant", "size KiB", "accuracy", "p50 ms", "p99 ms", "verdict", "why"):
+        table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
+    for row in rows:
+        bench = row.bench or {}
+        style = "bold green" if row.verdict == "chosen" else "dim" if row.verdict == "skipped" else ""
+        why = f"{row.reason} ({row.speed})" if row.speed else row.reason
+        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", row.accuracy,
+                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, why, style=style)
+    console.print(table)
 
 
 def render_bench(console: Console, report: dict[str, Any]) -> None:

@@ -136,3 +136,13 @@ def read_validation(path: Path, label_column: str | None = None) -> ValidationDa
     rows = np.asarray(rows, dtype=np.float32)
     return ValidationData(rows.reshape(len(rows), -1) if rows.ndim == 1 else rows, np.asarray(labels).reshape(-1),
                           path.name)
+
+
+def check_rows(rows: np.ndarray, feature_shape: tuple[int, ...], origin: str) -> np.ndarray:
+    """Rows from another file (calibration, validation) must look like the sample's rows."""
+    if tuple(rows.shape[1:]) != tuple(feature_shape):
+        raise InputError(f"{origin} has rows of shape {tuple(rows.shape[1:])}, the model takes {tuple(feature_shape)}",
+                         "pass rows shaped like the sample data")
+    if not np.isfinite(rows).all():
+        raise InputError(f"{origin} has NaN or infinite values", "clean those rows")
+    return rows

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import onnx
+import onnx
 
+if TYPE_CHECKING:
     from edgepack.sample_data import SampleData
 
 OutputKind = Literal["label", "values"]
@@ -70,3 +70,20 @@ def model_file(path: Path) -> Path:
     text = str(path)
     head, sep, _ = text.rpartition(":")
     return Path(head) if sep and head.endswith(".py") else path
+
+
+CONVERTER_KEY = "edgepack.converter"
+
+
+def record_converter(model: onnx.ModelProto, description: str) -> None:
+    """Say in the model itself what made it, when that is only known after converting (a fallback
+    exporter, an opset upgrade); the build copies it into the manifest."""
+    for prop in model.metadata_props:
+        if prop.key == CONVERTER_KEY:
+            prop.value = description
+            return
+    model.metadata_props.add(key=CONVERTER_KEY, value=description)
+
+
+def recorded_converter(model: onnx.ModelProto) -> str | None:
+    return next((prop.value for prop in model.metadata_props if prop.key == CONVERTER_KEY), None)

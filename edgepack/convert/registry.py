@@ -6,6 +6,7 @@ from pathlib import Path
 
 from edgepack.convert.base import Converter, model_file
 from edgepack.convert.boosting import BoostingConverter
+from edgepack.convert.onnx_file import OnnxConverter
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.convert.torch import TorchConverter
 from edgepack.errors import InputError
@@ -13,6 +14,7 @@ from edgepack.errors import InputError
 # Converters import their framework lazily, so listing them here costs nothing. One per line.
 CONVERTERS: tuple[Converter, ...] = (
     SklearnConverter(),
+    OnnxConverter(),
     BoostingConverter(),
     TorchConverter(),
 )

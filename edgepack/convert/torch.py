@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgepack.convert.base import LoadOptions, SourceModel, model_file
+from edgepack.convert.base import LoadOptions, SourceModel, model_file, record_converter
 from edgepack.errors import ConversionError, InputError, UnsupportedHere
 from edgepack.runtime.bundle import sha256_file
 from edgepack.sample_data import SampleData
@@ -146,7 +146,7 @@ class TorchConverter:
         _check_batch_axis(exported, rows, source)
         # SourceModel is frozen and made before the export; the model itself records which
         # exporter wrote it, so a fallback to TorchScript is never hidden.
-        exported.metadata_props.add(key="edgepack.converter", value=used)
+        record_converter(exported, used)
         return exported
 
 

@@ -83,6 +83,16 @@ def make_feed(
 
 
 def peak_rss_mb() -> float | None:
+    """This process's peak resident memory, in MiB."""
+    # VmHWM starts afresh at exec; ru_maxrss does not, so a child started by a big parent would
+    # report the parent's memory.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on Windows
