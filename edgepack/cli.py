@@ -89,6 +89,13 @@ def main_options(
 ) -> None:
     # Set on every invocation, so one --debug run does not leak into the next in the same process.
     _debug["on"] = debug or os.environ.get("EDGEPACK_DEBUG") == "1"
+    if not _debug["on"]:
+        # Libraries' deprecation notices are for their developers, not for edgepack's users; user
+        # warnings (a model saved by another scikit-learn version, say) still show.
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @app.command()

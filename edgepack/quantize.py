@@ -6,8 +6,9 @@ variant must not end a build. Which variant ships is decided elsewhere, on measu
 
 from __future__ import annotations
 
+import io
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -211,8 +212,10 @@ class _RowsReader:
     """Feeds calibration rows to onnxruntime in small batches (its CalibrationDataReader protocol)."""
 
     def __init__(self, input_name: str, rows: np.ndarray) -> None:
-        self._batches = iter([{input_name: rows[i:i + _CALIBRATION_BATCH]}
-                              for i in range(0, len(rows), _CALIBRATION_BATCH)])
+        # Equal batches: the histogram calibrators (entropy, percentile) stack them into one array.
+        size = min(_CALIBRATION_BATCH, len(rows))
+        usable = len(rows) - len(rows) % size
+        self._batches = iter([{input_name: rows[i:i + size]} for i in range(0, usable, size)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
@@ -289,11 +292,13 @@ def _first_line(err: Exception, workdir: Path) -> str:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    # onnxruntime.quantization logs advice ("consider pre-processing") on the root logger.
+    # onnxruntime.quantization logs advice ("consider pre-processing") on the root logger, and its
+    # calibrators print progress to stdout, where `--json` output must stay clean.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)

@@ -57,6 +57,7 @@ class SklearnConverter:
             native=model,
             versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__},
             converter="skl2onnx",
+            float32_thresholds=any(_is_tree(part) for part in _leaves(model)),
         )
 
     def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
@@ -161,28 +162,27 @@ def _reference_outputs(model: Any, kinds: tuple[OutputKind, ...], rows: np.ndarr
     return [np.asarray(model.transform(rows))]
 
 
+def _leaves(model: Any) -> list[Any]:
+    """The estimators inside pipelines, unions and column transformers."""
+    if model in ("drop", "passthrough", None):
+        return []
+    name = type(model).__name__
+    if name == "Pipeline":
+        return [leaf for _, step in model.steps for leaf in _leaves(step)]
+    if name == "FeatureUnion":
+        return [leaf for _, part in model.transformer_list for leaf in _leaves(part)]
+    if name == "ColumnTransformer":
+        return [leaf for _, part, _ in getattr(model, "transformers_", model.transformers) for leaf in _leaves(part)]
+    return [model]
+
+
+def _is_tree(estimator: Any) -> bool:
+    # Tree ensembles become TreeEnsemble operators whose thresholds are float32.
+    return any(part in type(estimator).__name__ for part in ("Tree", "Forest", "GradientBoosting", "Boost"))
+
+
 def _unsupported_parts(model: Any) -> list[str]:
     """Estimators inside ``model`` that skl2onnx has no converter for, named before it fails."""
     from skl2onnx._supported_operators import sklearn_operator_name_map
 
-    containers = {"Pipeline", "FeatureUnion", "ColumnTransformer"}
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if node in ("drop", "passthrough", None):
-            return
-        name = type(node).__name__
-        if name == "Pipeline":
-            for _, step in node.steps:
-                walk(step)
-        elif name == "FeatureUnion":
-            for _, part in node.transformer_list:
-                walk(part)
-        elif name == "ColumnTransformer":
-            for _, part, _ in getattr(node, "transformers_", node.transformers):
-                walk(part)
-        elif type(node) not in sklearn_operator_name_map and name not in containers:
-            found.append(name)
-
-    walk(model)
-    return found
+    return [type(leaf).__name__ for leaf in _leaves(model) if type(leaf) not in sklearn_operator_name_map]
