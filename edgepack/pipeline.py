@@ -142,7 +142,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
         evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
                       else EvalData(sample.rows, None, sample.origin))
-        selection = choose_variant(fp32, converted, source.output_kinds, evaluation, bench_sample, profile,
+        selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
                                    select_options(spec), config, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
@@ -213,7 +213,7 @@ def quantize_only(spec: BuildSpec, reporter: Reporter | None = None) -> Quantize
         evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
                       else EvalData(sample.rows, None, sample.origin))
         bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
-        selection = choose_variant(fp32, spec.model, source.output_kinds, evaluation, bench_sample, profile,
+        selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
                                    select_options(spec), config, workdir, reporter)
         stem = spec.bundle_name
         model = write_atomic(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())

@@ -63,13 +63,10 @@ def needs_reduce_range(arch: str, cpu_flags: list[str]) -> bool:
 
 def make_variants(fp32_path: Path, mode: QuantizeMode, workdir: Path,
                   config: QuantizeConfig = QuantizeConfig()) -> list[Variant]:
-    """fp32 first (graph-optimized when onnxruntime can), then the mode's other variants.
-
-    The quantizers read the converted graph, not the optimized one: onnxruntime's saved graph
-    drops type information the quantizers rely on, and they optimize on their own.
-    """
+    """fp32 first (graph-optimized when onnxruntime can), then the mode's other variants made from it."""
     fp32 = optimize_fp32(fp32_path, workdir / "model.fp32-optimized.onnx")
-    return [fp32] + [make_variant(name, fp32_path, workdir, config) for name in VARIANTS_FOR_MODE[mode][1:]]
+    assert fp32.path is not None  # optimize_fp32 falls back to its input
+    return [fp32] + [make_variant(name, fp32.path, workdir, config) for name in VARIANTS_FOR_MODE[mode][1:]]
 
 
 def make_variant(name: str, fp32_path: Path, workdir: Path, config: QuantizeConfig) -> Variant:  # type: ignore[arg-type]

@@ -79,13 +79,15 @@ class Selection:
     metric_basis: str
 
 
-def choose_variant(fp32: Variant, converted: Path, kinds: tuple[OutputKind, ...], evaluation: EvalData,
+def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: EvalData,
                    bench_sample: dict[str, np.ndarray], profile: Profile, options: SelectOptions,
                    config: QuantizeConfig, workdir: Path, reporter: Reporter) -> Selection:
     from edgepack.quantize import VARIANTS_FOR_MODE
 
     reporter.start("quantize", f"Making variants ({options.mode})")
-    variants = [fp32] + [make_variant(name, converted, workdir, config) for name in VARIANTS_FOR_MODE[options.mode][1:]]
+    assert fp32.path is not None
+    # Every variant starts from the optimized fp32 graph (typed for the quantizers in make_variant).
+    variants = [fp32] + [make_variant(name, fp32.path, workdir, config) for name in VARIANTS_FOR_MODE[options.mode][1:]]
     names, reference = run_model(fp32.path, evaluation.rows)  # type: ignore[arg-type]
     basis = (f"labels in {evaluation.origin}" if evaluation.labels is not None
              else f"agreement with fp32 on {evaluation.origin} (no labelled validation data given)")
@@ -93,7 +95,7 @@ def choose_variant(fp32: Variant, converted: Path, kinds: tuple[OutputKind, ...]
     for index, variant in enumerate(variants[1:], start=1):
         row = _evaluate(variant, names, kinds, reference, evaluation, rows[0].metric, options)
         if row.verdict == "dropped" and variant.name.startswith("int8-static") and config.calibration is not None:
-            variant, row = _retry_without_sensitive(variant, converted, names, kinds, reference, evaluation,
+            variant, row = _retry_without_sensitive(variant, fp32.path, names, kinds, reference, evaluation,
                                                     rows[0].metric, options, config, workdir)
             variants[index] = variant
         rows.append(row)
@@ -163,7 +165,7 @@ def _evaluate(variant: Variant, names: list[str], kinds: tuple[OutputKind, ...],
     return row
 
 
-def _retry_without_sensitive(variant: Variant, converted: Path, names: list[str], kinds: tuple[OutputKind, ...],
+def _retry_without_sensitive(variant: Variant, fp32_path: Path, names: list[str], kinds: tuple[OutputKind, ...],
                              reference: list[np.ndarray], evaluation: EvalData, fp32_metric: Metric | None,
                              options: SelectOptions, config: QuantizeConfig,
                              workdir: Path) -> tuple[Variant, VariantRow]:
@@ -171,7 +173,7 @@ def _retry_without_sensitive(variant: Variant, converted: Path, names: list[str]
     assert variant.path is not None and config.calibration is not None
     first = _evaluate(variant, names, kinds, reference, evaluation, fp32_metric, options)
     try:
-        worst = sensitive_nodes(converted, variant.path, config.calibration[:64], workdir, top=SENSITIVE_NODES)
+        worst = sensitive_nodes(fp32_path, variant.path, config.calibration[:64], workdir, top=SENSITIVE_NODES)
     except Exception as err:  # the debugger is best effort; the first verdict stands
         first.reason += f"; could not rank sensitive nodes ({type(err).__name__})"
         return variant, first
@@ -180,7 +182,7 @@ def _retry_without_sensitive(variant: Variant, converted: Path, names: list[str]
     named = ", ".join(f"{node} ({sqnr:.1f} dB)" for node, sqnr in worst)
     retry_config = replace(config, exclude={**config.exclude, variant.name: tuple(node for node, _ in worst)})
     (workdir / "retry").mkdir(exist_ok=True)
-    retried = make_variant(variant.name, converted, workdir / "retry", retry_config)
+    retried = make_variant(variant.name, fp32_path, workdir / "retry", retry_config)
     row = _evaluate(retried, names, kinds, reference, evaluation, fp32_metric, options)
     if row.verdict == "candidate":
         row.reason = f"passed after keeping its most sensitive nodes in float: {named}"
