@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cli_checks import assert_one_line_error
 from edgepack.cli import app
 
 runner = CliRunner()
@@ -94,11 +95,7 @@ def _bad_inputs(data_dir: Path, tmp: Path, built_bundle: Path):
 def test_bad_inputs_give_one_line_and_their_exit_code(data_dir, built_bundle, tmp_path):
     for args, code, text in _bad_inputs(data_dir, tmp_path, built_bundle):
         result = runner.invoke(app, [*args, "--quiet", "--out", str(tmp_path / "out")] if args[0] == "build" else args)
-        assert result.exit_code == code, (args, result.output)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:"), (args, result.stderr)
-        assert text in " ".join(result.stderr.split()), (args, result.stderr)
-        assert "Traceback" not in result.output
+        assert_one_line_error(result, code, text, args)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 

@@ -17,6 +17,7 @@ lgb = pytest.importorskip("lightgbm", reason=INSTALL)
 xgb = pytest.importorskip("xgboost", reason=INSTALL)
 pytest.importorskip("onnxmltools", reason=INSTALL)
 
+from cli_checks import assert_one_line_error  # noqa: E402
 from edgepack.cli import app  # noqa: E402
 from edgepack.convert.base import LoadOptions  # noqa: E402
 from edgepack.convert.boosting import BoostingConverter  # noqa: E402
@@ -259,21 +260,14 @@ def test_bad_inputs_raise_their_error(boost_dir, tmp_path, capfd, model, sample,
     assert "[LightGBM]" not in capfd.readouterr().err
 
 
-def test_bad_inputs_through_the_cli_give_one_line(boost_dir, tmp_path, monkeypatch):
-    import edgepack.cli
-
-    # An earlier `--debug` invocation in this process leaves tracebacks on (edgepack.cli keeps the flag).
-    monkeypatch.setitem(edgepack.cli._debug, "on", False)
+def test_bad_inputs_through_the_cli_give_one_line(boost_dir, tmp_path):
     bad = _bad_models(boost_dir, tmp_path)
     for model, sample, _, code, text in BAD_INPUTS:
         model_path = bad.get(model, boost_dir / model)
         sample_path = bad[sample] if sample else boost_dir / "sample.npy"
         result = runner.invoke(app, ["build", str(model_path), "-s", str(sample_path), "--quiet",
                                      "--out", str(tmp_path / "out")])
-        assert result.exit_code == code, (model, result.output)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error:"), (model, result.stderr)
-        assert text in " ".join(result.stderr.split()), (model, result.stderr)
+        assert_one_line_error(result, code, text, model)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
