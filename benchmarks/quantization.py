@@ -113,12 +113,8 @@ def _input_name(model: Path) -> str:
 
 
 def metric(model: Path, features: np.ndarray, labels: np.ndarray, kinds) -> tuple[str, float]:
-    """Accuracy for classifiers; argmax accuracy for logits (CNN); RMSE for regressors."""
     session, _ = create_session(model, threads=1)
-    outputs = session.run(None, {session.get_inputs()[0].name: features})
-    if "label" not in kinds and outputs[0].ndim == 2 and outputs[0].shape[1] > 1:
-        return "accuracy", float((outputs[0].argmax(axis=1) == labels).mean())
-    return task_metric(outputs, kinds, labels)
+    return task_metric(session.run(None, {session.get_inputs()[0].name: features}), kinds, labels)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,8 @@ def sensitive_nodes(fp32_path: Path, quantized_path: Path, rows: np.ndarray, wor
     """
     from onnxruntime.quantization import qdq_loss_debug as debug
 
+    # The debugger matches activations by the float graph's tensor types, like the quantizers.
+    fp32_path = typed_graph(fp32_path, rows[:1], workdir)
     float_aug, quant_aug = workdir / "debug.float.onnx", workdir / "debug.quant.onnx"
     with _quiet_quantizer():
         debug.modify_model_output_intermediate_tensors(str(fp32_path), str(float_aug))

@@ -17,7 +17,8 @@ from edgepack.bench.runner import BenchSettings, bench_onnx, compare_onnx, paire
 from edgepack.convert.base import OutputKind
 from edgepack.quantize import QuantizeConfig, QuantizeMode, Variant, make_variant, sensitive_nodes
 from edgepack.runtime.session import create_session
-from edgepack.validate import VARIANT, Metric, ParityReport, compare, metric_gate, task_metric
+from edgepack.validate import (VARIANT, Metric, ParityReport, compare, is_embedding, mean_cosine, metric_gate,
+                               task_metric)
 
 # A variant must beat fp32's median by this much to be chosen: smaller gains are within noise.
 FASTER_MARGIN = 0.03
@@ -89,8 +90,12 @@ def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: Eva
     # Every variant starts from the optimized fp32 graph (typed for the quantizers in make_variant).
     variants = [fp32] + [make_variant(name, fp32.path, workdir, config) for name in VARIANTS_FOR_MODE[options.mode][1:]]
     names, reference = run_model(fp32.path, evaluation.rows)  # type: ignore[arg-type]
-    basis = (f"labels in {evaluation.origin}" if evaluation.labels is not None
-             else f"agreement with fp32 on {evaluation.origin} (no labelled validation data given)")
+    if evaluation.labels is not None:
+        basis = f"labels in {evaluation.origin}"
+    elif is_embedding(reference, kinds):
+        basis = f"cosine similarity to fp32 on {evaluation.origin} (no labelled validation data given)"
+    else:
+        basis = f"agreement with fp32 on {evaluation.origin} (no labelled validation data given)"
     rows = [_reference_row(fp32, kinds, reference, evaluation)]
     for index, variant in enumerate(variants[1:], start=1):
         row = _evaluate(variant, names, kinds, reference, evaluation, rows[0].metric, options)
@@ -156,6 +161,14 @@ def _evaluate(variant: Variant, names: list[str], kinds: tuple[OutputKind, ...],
             unit = "points" if name == "accuracy" else "% RMSE"
             row.verdict, row.reason = "dropped", (f"{name} drop beyond --max-accuracy-drop "
                                                   f"{options.max_accuracy_drop:g} {unit}")
+    elif is_embedding(reference, kinds):
+        # Without labels, a vector output is judged by direction, as its consumers compare it.
+        row.metric = metric_gate("cosine", mean_cosine(reference[0], outputs[0]), 1.0, options.max_accuracy_drop,
+                                 f"cosine similarity to fp32 on {evaluation.origin}")
+        row.accuracy = f"cosine {row.metric.value:.4f}"
+        if not row.metric.passed:
+            row.verdict, row.reason = "dropped", (f"cosine similarity to fp32 below "
+                                                  f"{1 - options.max_accuracy_drop / 100:g}")
     else:
         gated = [d for d in agreement.outputs if d.gated]
         row.accuracy = "; ".join(f"{d.agreement:.2%} agree" if d.kind == "label" else f"rel. RMSE {d.relative_rmse:.3f}"

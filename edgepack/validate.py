@@ -143,7 +143,11 @@ class Metric:
 
 
 def task_metric(outputs: Sequence[np.ndarray], kinds: Sequence[OutputKind], labels: np.ndarray) -> tuple[str, float]:
-    """Accuracy for classifiers (a label output), RMSE for regressors (the first values output)."""
+    """Accuracy for classifiers (a label output, or class scores with integer labels, as a network's
+    logits), RMSE for regressors (the first values output)."""
+    first = np.asarray(outputs[0])
+    if "label" not in kinds and first.ndim == 2 and first.shape[1] > 1 and labels.dtype.kind in "iub":
+        return "accuracy", float((first.argmax(axis=1) == labels).mean())
     if "label" in kinds:
         predicted = np.asarray(outputs[list(kinds).index("label")]).reshape(-1)
         if predicted.dtype.kind in "fc" or labels.dtype.kind in "fc":
@@ -155,8 +159,25 @@ def task_metric(outputs: Sequence[np.ndarray], kinds: Sequence[OutputKind], labe
     return "rmse", float(np.sqrt(np.mean((predicted - labels.astype(np.float64)) ** 2)))
 
 
+def mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean cosine similarity of matching rows: how embeddings are compared."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    got = np.asarray(candidate, dtype=np.float64).reshape(len(candidate), -1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    return float(np.mean(np.sum(ref * got, axis=1) / np.where(norms == 0, 1.0, norms)))
+
+
+def is_embedding(outputs: Sequence[np.ndarray], kinds: Sequence[OutputKind]) -> bool:
+    """One vector per row and no labels: compare directions (cosine), not element errors."""
+    return "label" not in kinds and len(outputs) == 1 and np.asarray(outputs[0]).ndim == 2 \
+        and np.asarray(outputs[0]).shape[1] > 1
+
+
 def metric_gate(name: str, value: float, reference: float, max_drop: float, basis: str) -> Metric:
-    """``max_drop`` is in points of accuracy, or percent of RMSE increase."""
+    """``max_drop`` is in points of accuracy or cosine (x100), or percent of RMSE increase."""
+    if name == "cosine":
+        drop = (reference - value) * 100
+        return Metric(name, value, reference, f"{-drop:+.2f} pt", basis, drop <= max_drop + 1e-9)
     if name == "accuracy":
         drop = (reference - value) * 100
         return Metric(name, value, reference, f"{-drop:+.2f} pt", basis, drop <= max_drop + 1e-9)

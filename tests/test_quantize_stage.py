@@ -110,3 +110,72 @@ def test_examples_build_with_auto(model, sample, validation, tmp_path):
         assert chosen["p50_ms"] < rows["fp32"]["p50_ms"]
         assert chosen["metric"]["passed"]
     assert rows["fp16"]["verdict"] in ("dropped", "skipped") and rows["fp16"]["reason"]
+
+
+def test_task_metrics():
+    from edgepack.validate import is_embedding, mean_cosine, metric_gate, task_metric
+
+    logits = np.array([[0.1, 2.0], [3.0, 0.0], [0.0, 1.0]])
+    assert task_metric([logits], ("values",), np.array([1, 0, 0])) == ("accuracy", pytest.approx(2 / 3))
+    assert task_metric([np.array([[1.0], [2.0]])], ("values",), np.array([1.0, 4.0])) == ("rmse", pytest.approx(2 ** 0.5))
+    assert task_metric([np.array([1, 2]), np.zeros((2, 3))], ("label", "values"), np.array([1, 1]))[1] == 0.5
+    assert is_embedding([logits], ("values",)) and not is_embedding([logits[:, :1]], ("values",))
+    assert mean_cosine(logits, logits * 3) == pytest.approx(1.0)
+    assert mean_cosine(np.array([[1.0, 0.0]]), np.array([[0.0, 1.0]])) == pytest.approx(0.0)
+    assert not metric_gate("cosine", 0.98, 1.0, 1.0, "b").passed and metric_gate("cosine", 0.995, 1.0, 1.0, "b").passed
+    assert metric_gate("rmse", 1.005, 1.0, 1.0, "b").passed and not metric_gate("rmse", 1.02, 1.0, 1.0, "b").passed
+
+
+def test_embedding_variants_are_gated_by_cosine(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgepack.spec import BuildSpec
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(32, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "weight"], ["embedding"])], "embedder",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", 64])],
+                              [numpy_helper.from_array(weight, "weight")])
+    import onnx
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+              tmp_path / "embedder.onnx")
+    np.save(tmp_path / "rows.npy", rng.normal(size=(64, 32)).astype(np.float32))
+    result = build(BuildSpec(model=tmp_path / "embedder.onnx", sample=tmp_path / "rows.npy", out=tmp_path,
+                             quantize="int8-dynamic", bench_time_s=0.1))
+    assert result.metric_basis.startswith("cosine similarity to fp32")
+    int8 = next(r for r in result.variants if r.name == "int8-dynamic")
+    assert int8.metric.name == "cosine" and 0.99 < int8.metric.value <= 1.0
+
+
+def test_failing_static_variant_is_retried_without_its_sensitive_nodes(tmp_path):
+    # With no accuracy loss allowed, static int8 of the 3x1024 MLP fails the gate; edgepack names
+    # the nodes that hurt most and retries once with them in float.
+    result = runner.invoke(app, ["build", str(EXAMPLES / "digits_mlp3x1024.skops"),
+                                 "--sample", str(EXAMPLES / "digits_sample.npy"),
+                                 "--validation", str(EXAMPLES / "digits_validation.npz"),
+                                 "--quantize", "int8-static", "--max-accuracy-drop", "0",
+                                 "--out", str(tmp_path), "--bench-time", "0.1", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    static = next(r for r in json.loads(result.stdout)["variants"] if r["name"] == "int8-static")
+    assert "sensitive nodes" in static["reason"], static
+    assert " dB)" in static["reason"]
+    if static["verdict"] != "dropped":
+        assert static["excluded_nodes"]
+
+
+def test_unsupported_operator_is_one_line(tmp_path, data_dir):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Frobnicate", ["input"], ["output"], domain="com.example")], "odd",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+                              ir_version=9)
+    onnx.save(model, tmp_path / "odd.onnx")
+    result = runner.invoke(app, ["build", str(tmp_path / "odd.onnx"), "-s", str(data_dir / "sample.npy"),
+                                 "--quiet", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3, result.output
+    assert result.stderr.count("\n") == 1 and "onnxruntime cannot load it" in result.stderr
