@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -20,6 +21,7 @@ class ProgressReporter:
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  console=console, transient=True)
         self.task: Any = None
+        self.started: dict[str, float] = {}
 
     def __enter__(self) -> "ProgressReporter":
         if self.enabled:
@@ -31,6 +33,7 @@ class ProgressReporter:
             self.progress.stop()
 
     def start(self, stage: str, text: str) -> None:
+        self.started.setdefault(stage, time.perf_counter())
         if self.enabled:
             if self.task is not None:
                 self.progress.remove_task(self.task)
@@ -41,7 +44,9 @@ class ProgressReporter:
             if self.task is not None:
                 self.progress.remove_task(self.task)
                 self.task = None
-            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {text}", soft_wrap=True)
+            elapsed = time.perf_counter() - self.started.pop(stage, time.perf_counter())
+            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {text} [dim]({elapsed:.1f} s)[/]",
+                                        soft_wrap=True)
 
 
 def _ms(value: float | None) -> str:

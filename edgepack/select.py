@@ -104,7 +104,8 @@ def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: Eva
                                                     rows[0].metric, options, config, workdir)
             variants[index] = variant
         rows.append(row)
-    reporter.finish("quantize", ", ".join(f"{r.name}: {r.accuracy}" for r in rows[1:]) or "fp32 only")
+    reporter.finish("quantize", ", ".join(f"{r.name}: {r.accuracy if r.verdict != 'skipped' else 'skipped, ' + r.reason}"
+                                          for r in rows[1:]) or "fp32 only")
 
     chosen_bench = None
     if profile.runnable_here():
