@@ -177,8 +177,16 @@ def _save(path: Path, rows: np.ndarray) -> Path:
 
 def test_example_builds_and_keeps_its_accuracy(tmp_path):
     result = build(BuildSpec(model=EXAMPLES / "tabular_lgbm.txt", sample=EXAMPLES / "tabular_sample.npy",
-                             out=tmp_path / "dist", bench_time_s=0.2, quantize="none"))
+                             validation=EXAMPLES / "tabular_validation.npz", out=tmp_path / "dist",
+                             bench_time_s=0.2, quantize="auto"))
     assert result.parity.passed and result.parity.samples == 1000
+    # A tree model has nothing for int8 to quantize, and says so plainly.
+    for row in result.variants:
+        if row.name.startswith("int8"):
+            assert row.verdict == "skipped" and row.reason == "no quantizable operators (MatMul, Gemm, Conv) in the model"
+    chosen = next(r for r in result.variants if r.verdict == "chosen")
+    if chosen.name != "fp32":
+        assert chosen.bench["p50_ms"] < result.variants[0].bench["p50_ms"]
     assert result.manifest.inputs[0].shape == ["batch", 20]
     session, _ = create_session(_bundled_model(result.bundle, tmp_path / "model.onnx"))
     validation = np.load(EXAMPLES / "tabular_validation.npz")
