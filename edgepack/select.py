@@ -15,7 +15,7 @@ import numpy as np
 from edgepack.bench.profiles import Profile
 from edgepack.bench.runner import BenchSettings, bench_onnx, compare_onnx, paired_ratio
 from edgepack.convert.base import OutputKind
-from edgepack.quantize import QuantizeConfig, QuantizeMode, Variant, make_variant, sensitive_nodes
+from edgepack.quantize import VARIANTS_FOR_MODE, QuantizeConfig, QuantizeMode, Variant, make_variant, sensitive_nodes
 from edgepack.runtime.session import create_session
 from edgepack.validate import (VARIANT, Metric, ParityReport, compare, is_embedding, mean_cosine, metric_gate,
                                task_metric)
@@ -83,13 +83,11 @@ class Selection:
 def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: EvalData,
                    bench_sample: dict[str, np.ndarray], profile: Profile, options: SelectOptions,
                    config: QuantizeConfig, workdir: Path, reporter: Reporter) -> Selection:
-    from edgepack.quantize import VARIANTS_FOR_MODE
-
     reporter.start("quantize", f"Making variants ({options.mode})")
     assert fp32.path is not None
     # Every variant starts from the optimized fp32 graph (typed for the quantizers in make_variant).
     variants = [fp32] + [make_variant(name, fp32.path, workdir, config) for name in VARIANTS_FOR_MODE[options.mode][1:]]
-    names, reference = run_model(fp32.path, evaluation.rows)  # type: ignore[arg-type]
+    names, reference = run_model(fp32.path, evaluation.rows)
     if evaluation.labels is not None:
         basis = f"labels in {evaluation.origin}"
     elif is_embedding(reference, kinds):
@@ -100,7 +98,7 @@ def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: Eva
     for index, variant in enumerate(variants[1:], start=1):
         row = _evaluate(variant, names, kinds, reference, evaluation, rows[0].metric, options)
         if row.verdict == "dropped" and variant.name.startswith("int8-static") and config.calibration is not None:
-            variant, row = _retry_without_sensitive(variant, fp32.path, names, kinds, reference, evaluation,
+            variant, row = _retry_without_sensitive(variant, row, fp32.path, names, kinds, reference, evaluation,
                                                     rows[0].metric, options, config, workdir)
             variants[index] = variant
         rows.append(row)
@@ -179,13 +177,12 @@ def _evaluate(variant: Variant, names: list[str], kinds: tuple[OutputKind, ...],
     return row
 
 
-def _retry_without_sensitive(variant: Variant, fp32_path: Path, names: list[str], kinds: tuple[OutputKind, ...],
-                             reference: list[np.ndarray], evaluation: EvalData, fp32_metric: Metric | None,
-                             options: SelectOptions, config: QuantizeConfig,
+def _retry_without_sensitive(variant: Variant, first: VariantRow, fp32_path: Path, names: list[str],
+                             kinds: tuple[OutputKind, ...], reference: list[np.ndarray], evaluation: EvalData,
+                             fp32_metric: Metric | None, options: SelectOptions, config: QuantizeConfig,
                              workdir: Path) -> tuple[Variant, VariantRow]:
     """Name the nodes whose quantization hurts most, keep them in float, and try once more."""
     assert variant.path is not None and config.calibration is not None
-    first = _evaluate(variant, names, kinds, reference, evaluation, fp32_metric, options)
     try:
         worst = sensitive_nodes(fp32_path, variant.path, config.calibration[:64], workdir, top=SENSITIVE_NODES)
     except Exception as err:  # the debugger is best effort; the first verdict stands

@@ -154,7 +154,7 @@ def test_manifest_must_agree_with_checksums(built_bundle, tmp_path):
             if info.name.endswith("/manifest.json"):
                 info.size, payload = len(new), new
             elif info.name.endswith("/SHA256SUMS"):
-                lines = [l for l in payload.decode().splitlines() if not l.endswith("  manifest.json")]
+                lines = [line for line in payload.decode().splitlines() if not line.endswith("  manifest.json")]
                 lines.append(f"{hashlib.sha256(new).hexdigest()}  manifest.json")
                 payload = ("\n".join(lines) + "\n").encode()
                 info.size = len(payload)
