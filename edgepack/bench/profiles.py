@@ -9,7 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgepack.errors import InputError, UnsupportedHere
 
@@ -46,10 +46,23 @@ class Profile(_Strict):
     arch: Literal["x86_64", "aarch64"]
     aliases: tuple[str, ...] = ()
     cpus: int = Field(0, ge=0, description="cores the model may use; 0 = all, no pinning")
+    cpu_quota: float | None = Field(None, gt=0, description="cores' worth of CPU time (0.5 = half a core); "
+                                                            "unset: cpus, or none when cpus = 0")
     memory_mb: int | None = Field(None, gt=0)
     onnxruntime: RuntimeSettings
     budgets: Budgets = Budgets()
     source: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _quota_within_cores(self) -> Profile:
+        if self.cpu_quota is not None and self.cpus and self.cpu_quota > self.cpus:
+            raise ValueError(f"cpu_quota {self.cpu_quota:g} is more than the {self.cpus} core(s) of cpus; "
+                             "lower cpu_quota or raise cpus")
+        return self
+
+    def quota_cores(self) -> float | None:
+        """The CPU time the model may use, in cores' worth: ``cpu_quota``, else ``cpus``; None when unlimited."""
+        return self.cpu_quota if self.cpu_quota is not None else (float(self.cpus) if self.cpus else None)
 
     def runnable_here(self) -> bool:
         return self.arch == host_arch()
@@ -63,14 +76,23 @@ class Profile(_Strict):
             )
 
     def emulation_summary(self) -> str:
+        from edgepack.bench.isolation import availability
+
         if not self.runnable_here():
             return f"device only ({self.arch})"
         parts = [f"{self.onnxruntime.threads or 'all'} thread(s)"]
         if self.cpus:
             parts.append(f"pinned to {self.cpus} core(s)")
+        cgroups = availability() if self.quota_cores() or self.memory_mb else {}
+        if self.quota_cores():
+            parts.append(f"CPU quota {self.quota_cores():g} core(s) {_via(cgroups['cpu'])}")
         if self.memory_mb:
-            parts.append(f"{self.memory_mb} MB not enforced")
+            parts.append(f"{self.memory_mb} MB {_via(cgroups['memory'])}")
         return "emulated: " + ", ".join(parts)
+
+
+def _via(state: str) -> str:
+    return state if state.startswith("not enforced") else f"via {state}"
 
 
 def host_arch() -> str:

@@ -1,7 +1,9 @@
 """Runs the runtime's timing loop in a fresh child process, with a profile's limits applied there.
 
 A child process gives clean memory figures (no torch or skl2onnx in its RSS) and lets CPU pinning
-apply to the model alone.
+apply to the model alone; it runs inside cgroups holding the profile's CPU quota and memory limit
+where this host allows (``edgepack.bench.isolation``), and a child the memory limit kills is a
+budget verdict (exit 6), not a crash.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from edgepack.bench.isolation import CgroupLimits, isolate
 from edgepack.bench.profiles import Profile
-from edgepack.errors import EdgepackError, IntegrityError
+from edgepack.errors import BudgetExceeded, EdgepackError, IntegrityError
 from edgepack.runtime.bench import LoopConfig
 
 _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
@@ -97,12 +100,20 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: 
     ]
     if profile.memory_mb:
         command += ["--memory-mb", str(profile.memory_mb)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True,
-                              timeout=(timeout_s or settings.loop.max_time_s) + _SLACK_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
-                            "lower --bench-time or check the model") from None
+    if profile.quota_cores():
+        command += ["--cpu-quota", f"{profile.quota_cores():g}"]
+    with isolate(CgroupLimits(cpu_quota=profile.quota_cores(), memory_mb=profile.memory_mb)) as cage:
+        try:
+            done = subprocess.run(cage.wrap(command + cage.flags()), capture_output=True, text=True,
+                                  timeout=(timeout_s or settings.loop.max_time_s) + _SLACK_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
+                                "lower --bench-time or check the model") from None
+        if cage.out_of_memory(done.returncode):
+            raise BudgetExceeded(
+                f"the model needs more than {profile.memory_mb} MB: out of memory under "
+                f"{profile.name}'s {profile.memory_mb} MB limit",
+                "choose a profile with more memory_mb, or a smaller variant (--quantize int8-dynamic)")
     if done.returncode != 0:
         raise _child_error(done.stderr, done.returncode, profile.name)
     report = json.loads(done.stdout)

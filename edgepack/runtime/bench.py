@@ -38,6 +38,12 @@ class Limits:
     threads: int | None = None  # None or 0: one per core
     cpus: int | None = None  # cores to pin to; None or 0: no pinning
     memory_mb: int | None = None
+    cpu_quota: float | None = None  # cores' worth of CPU time (0.5 = half a core); None: no quota
+    # What the launcher did outside this process (cgroups), as (limit, "enforced (how)" | "not enforced (why)").
+    outside: tuple[tuple[str, str], ...] = ()
+
+
+_SET_OUTSIDE = ("memory", "cpu_quota")  # limits only a launcher can set: a cgroup must exist before the process
 
 
 @dataclass
@@ -110,11 +116,15 @@ def apply_limits(limits: Limits) -> Enforcement:
             chosen = allowed[: limits.cpus]
             os.sched_setaffinity(0, chosen)
             report.enforced("cpu_affinity", f"pinned to CPU {','.join(map(str, chosen))}")
-    if limits.memory_mb is None:
-        report.not_enforced("memory", "the profile sets no memory limit")
-    else:
-        report.not_enforced("memory", f"{limits.memory_mb} MB is recorded, not applied: cgroup limits are not implemented yet")
-    report.not_enforced("cpu_quota", "cgroup CPU quota is not implemented yet")
+    wanted = {"memory": None if limits.memory_mb is None else f"{limits.memory_mb} MB",
+              "cpu_quota": None if limits.cpu_quota is None else f"{limits.cpu_quota:g} core(s)"}
+    for limit in _SET_OUTSIDE:
+        if wanted[limit] is None:
+            report.not_enforced(limit, f"the profile sets no {'memory limit' if limit == 'memory' else 'CPU quota'}")
+        else:
+            report.not_enforced(limit, f"{wanted[limit]} is recorded, not applied: runtime.bench sets no cgroup "
+                                       "of its own; `edgepack bench` or a container limit does")
+    report.applied.update(dict(limits.outside))  # the launcher's word wins: it made the cgroups
     return report
 
 
@@ -243,6 +253,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="intra-op threads, 0 = one per core (default: the bundle's target)")
     parser.add_argument("--cpus", type=int, help="pin to this many cores, 0 = no pinning (default: the bundle's target)")
     parser.add_argument("--memory-mb", type=int, help="the profile's memory limit, for the report")
+    parser.add_argument("--cpu-quota", type=float, help="the profile's CPU quota in cores, for the report")
+    parser.add_argument("--enforced", action="append", default=[], metavar="LIMIT=HOW",
+                        help="a limit the launcher enforced on this process, and how (repeat)")
+    parser.add_argument("--not-enforced", action="append", default=[], metavar="LIMIT=WHY",
+                        help="a limit the launcher could not enforce, and why (repeat)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--min-runs", type=int, default=LoopConfig.min_runs)
     parser.add_argument("--min-time", type=float, default=LoopConfig.min_time_s)
@@ -257,6 +272,18 @@ def _loop(args: argparse.Namespace) -> LoopConfig:
                       min_time_s=args.min_time, max_time_s=args.max_time)
 
 
+def _outside(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    said = [(item, "enforced") for item in args.enforced] + [(item, "not enforced") for item in args.not_enforced]
+    outside = []
+    for item, verdict in said:
+        limit, sep, text = item.partition("=")
+        if not sep or limit not in _SET_OUTSIDE or not text:
+            raise InputError(f"--{verdict.replace(' ', '-')} {item!r}: expected LIMIT=TEXT with LIMIT one of "
+                             f"{', '.join(_SET_OUTSIDE)}", "see python -m runtime.bench --help")
+        outside.append((limit, f"{verdict} ({text})"))
+    return tuple(outside)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bundle import verify_dir
     from .session import load_inputs
@@ -264,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         target: dict[str, Any] = {}
+        outside = _outside(args)
         if args.compare:
             models = dict(item.split("=", 1) for item in args.compare)
             missing = [path for path in models.values() if not Path(path).is_file()]
@@ -271,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"{missing[0]}: no such model file", "check the path")
             sample = None if args.random_input or args.input is None else load_inputs(args.input)
             report = compare_models({name: Path(path) for name, path in models.items()}, sample,
-                                    Limits(args.threads, args.cpus, args.memory_mb), _loop(args),
+                                    Limits(args.threads, args.cpus, args.memory_mb, args.cpu_quota, outside),
+                                    _loop(args),
                                     rounds=args.rounds, batch=args.batch)
             print(json.dumps(report, indent=2))
             return 0
@@ -290,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads if args.threads is not None else target.get("threads"),
             cpus=args.cpus if args.cpus is not None else target.get("cpus"),
             memory_mb=args.memory_mb if args.memory_mb is not None else target.get("memory_mb"),
+            cpu_quota=args.cpu_quota if args.cpu_quota is not None else target.get("cpu_quota"),
+            outside=outside,
         )
         report = bench_model(model, sample, limits, _loop(args), batch=args.batch,
                              providers=target.get("providers"))
