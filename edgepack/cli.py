@@ -20,7 +20,8 @@ from edgepack.errors import EdgepackError, ExitCode
 
 EXIT_CODES = (
     "Exit codes: 0 ok · 1 internal error · 2 usage error · 3 bad input · 4 conversion failed · "
-    "5 parity or accuracy failed · 6 budget exceeded · 7 integrity failure · 8 not possible on this host."
+    "5 parity or accuracy failed · 6 budget exceeded · 7 integrity failure · 8 not possible on this host · "
+    "9 device (SSH) failure."
 )
 
 app = typer.Typer(
@@ -211,16 +212,32 @@ def bench(
     profile: str = typer.Option("edge-1core", "--profile", "-p", help="Device profile to emulate here (see `edgepack profiles`)."),
     batch: int = typer.Option(1, help="Batch size."),
     bench_time: float = typer.Option(2.0, help="Seconds of timed runs (at least 100 runs)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ssh: Optional[str] = typer.Option(None, "--ssh", metavar="USER@HOST[:PORT]", help="Also benchmark on this device over SSH (needs python3, numpy and onnxruntime there) and compare."),
+    identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="Private key for --ssh (default: your ssh keys and agent)."),
+    remote_python: str = typer.Option("python3", help="Python on the --ssh device."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (with --ssh: {device, emulated})."),
 ) -> None:
-    """Benchmark a verified bundle on a device profile, with the profile's limits applied."""
+    """Benchmark a verified bundle on a device profile, with the profile's limits applied; --ssh adds the real device."""
     from edgepack.bench.profiles import resolve_profile
     from edgepack.bench.runner import BenchSettings, bench_bundle
-    from edgepack.render import render_bench
+    from edgepack.render import render_bench, render_device_bench
 
     if batch < 1 or bench_time <= 0:
         raise typer.BadParameter("--batch and --bench-time must be positive")
-    report = bench_bundle(bundle, resolve_profile(profile), BenchSettings.timed(bench_time, batch=batch))
+    if identity is not None and ssh is None:
+        raise typer.BadParameter("--identity needs --ssh USER@HOST")
+    settings = BenchSettings.timed(bench_time, batch=batch)
+    if ssh is not None:
+        from edgepack.bench.remote import RemoteSettings, SshTarget, compare_on_device
+
+        comparison = compare_on_device(bundle, SshTarget.parse(ssh, identity), resolve_profile(profile), settings,
+                                       RemoteSettings(python=remote_python))
+        if json_out:
+            print(json.dumps(comparison.to_json(), indent=2))
+        else:
+            render_device_bench(_stdout(), comparison)
+        return
+    report = bench_bundle(bundle, resolve_profile(profile), settings)
     if json_out:
         print(json.dumps(report, indent=2))
     else:

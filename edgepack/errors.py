@@ -10,6 +10,7 @@ from edgepack.runtime.errors import EdgepackError, ExitCode, InputError, Integri
 __all__ = [
     "BudgetExceeded",
     "ConversionError",
+    "DeviceError",
     "EdgepackError",
     "ExitCode",
     "InputError",
@@ -41,3 +42,9 @@ class UnsupportedHere(EdgepackError):
     """The request is valid but this host cannot do it (another architecture, a missing extra)."""
 
     exit_code = ExitCode.UNSUPPORTED_HERE
+
+
+class DeviceError(EdgepackError):
+    """Work on a real device failed: unreachable, refused the key, no usable Python, or its run failed."""
+
+    exit_code = ExitCode.DEVICE

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -112,6 +113,39 @@ def render_bench(console: Console, report: dict[str, Any]) -> None:
                   f"{report['environment']['cpu_model']}, onnxruntime {report['environment']['onnxruntime']}")
     for limit, state in report["limits"].items():
         console.print(f"  {limit}: {state}", markup=False)
+
+
+def render_device_bench(console: Console, comparison: Any) -> None:
+    """The device's figures next to the same profile emulated here (or alone for another architecture)."""
+    device, emulated = comparison.device, comparison.emulated
+    bundle = device["bundle"]
+    console.print(f"[bold]{escape(bundle['name'])}[/] {bundle['version']} ({bundle['variant']}) with profile "
+                  f"[bold]{escape(comparison.profile.name)}[/]: measured on the device"
+                  + (" and emulated here" if emulated else ""), soft_wrap=True)
+    table = Table()
+    for column in ("measured on", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "session ms",
+                   "first run ms", "peak RSS MB"):
+        table.add_column(column, justify="left" if column == "measured on" else "right")
+    reports = [device] + ([emulated] if emulated else [])
+    for report in reports:
+        rss = report.get("peak_rss_mb")
+        table.add_row(report["measured_on"], str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]),
+                      _ms(report["p99_ms"]), _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}",
+                      f"{report['session_create_ms']:.1f}", f"{report['first_inference_ms']:.2f}",
+                      "-" if rss is None else f"{rss:.0f}")
+    console.print(table)
+    if emulated is None:
+        console.print(f"Not emulated here: {comparison.profile.name} is {comparison.profile.arch}; "
+                      "the device's figures stand alone.", soft_wrap=True, markup=False)
+    else:
+        console.print(f"device/emulated p50: {device['p50_ms'] / emulated['p50_ms']:.2f}×", soft_wrap=True)
+    for report in reports:
+        env = report["environment"]
+        console.print(f"{report['measured_on']}: {env['cpu_model']} ({env['machine']}, {env['cpu_count']} CPUs), "
+                      f"Python {env['python']}, onnxruntime {env['onnxruntime']}", soft_wrap=True, markup=False)
+        limits = ", ".join(f"{k}: {v}" for k, v in report["limits"].items())
+        console.print(f"  limits: {limits}", soft_wrap=True, markup=False)
+    console.print(f"Verified {bundle['verified']}.", soft_wrap=True, markup=False)
 
 
 def render_profiles(console: Console, profiles: list[Profile]) -> None:

@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     BUDGET = 6
     INTEGRITY = 7
     UNSUPPORTED_HERE = 8
+    DEVICE = 9
 
 
 class EdgepackError(Exception):
