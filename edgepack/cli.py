@@ -43,6 +43,12 @@ def _stderr():
     return Console(stderr=True, highlight=False)
 
 
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _stdout():
     from rich.console import Console
 
@@ -61,7 +67,9 @@ def error_boundary(command: F) -> F:
         except EdgepackError as err:
             if _debug["on"]:
                 traceback.print_exc()
-            _stderr().print(f"[bold red]error:[/] {err.one_line()}", markup=True, soft_wrap=True)
+            # escape: messages carry file names and hints such as `pip install -e ".[torch]"`, which
+            # rich would otherwise read as style tags and drop.
+            _stderr().print(f"[bold red]error:[/] {escape(err.one_line())}", markup=True, soft_wrap=True)
             raise typer.Exit(int(err.exit_code)) from None
         except KeyboardInterrupt:
             _stderr().print("interrupted; nothing was written")
@@ -69,7 +77,7 @@ def error_boundary(command: F) -> F:
         except Exception as err:  # noqa: BLE001 - the boundary must catch everything
             if _debug["on"]:
                 traceback.print_exc()
-            _stderr().print(f"[bold red]internal error:[/] {type(err).__name__}: {err} "
+            _stderr().print(f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))} "
                             "(a bug in edgepack; rerun with --debug and report the traceback)",
                             markup=True, soft_wrap=True)
             raise typer.Exit(int(ExitCode.INTERNAL)) from None
@@ -184,7 +192,8 @@ def quantize(
     else:
         console = _stdout()
         render_variants(console, result.selection.rows, result.profile.name, result.selection.metric_basis)
-        console.print(f"Chosen: [bold]{result.selection.chosen.name}[/] → {result.model}; table in {result.report}",
+        console.print(f"Chosen: [bold]{result.selection.chosen.name}[/] → {escape(str(result.model))}; "
+                      f"table in {escape(str(result.report))}",
                       soft_wrap=True)
 
 

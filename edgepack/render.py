@@ -38,7 +38,7 @@ class ProgressReporter:
         if self.enabled:
             if self.task is not None:
                 self.progress.remove_task(self.task)
-            self.task = self.progress.add_task(text)
+            self.task = self.progress.add_task(escape(text))
 
     def finish(self, stage: str, text: str) -> None:
         if self.enabled:
@@ -46,7 +46,7 @@ class ProgressReporter:
                 self.progress.remove_task(self.task)
                 self.task = None
             elapsed = time.perf_counter() - self.started.pop(stage, time.perf_counter())
-            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {text} [dim]({elapsed:.1f} s)[/]",
+            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {escape(text)} [dim]({elapsed:.1f} s)[/]",
                                         soft_wrap=True)
 
 
@@ -57,12 +57,12 @@ def _ms(value: float | None) -> str:
 def render_build(console: Console, result: Any) -> None:
     manifest = result.manifest
     console.print()
-    console.print(f"[bold]edgepack build[/]: {manifest.source.file} → {result.profile.name} "
+    console.print(f"[bold]edgepack build[/]: {escape(manifest.source.file)} → {result.profile.name} "
                   f"([bold]{manifest.variant}[/] chosen)")
     parity = result.parity
     console.print(f"Parity ({parity.samples} rows, atol {parity.tolerance.atol:g}, rtol {parity.tolerance.rtol:g}): "
                   + ("[green]passed[/]" if parity.passed else "[red]failed[/]") + " — "
-                  + "; ".join(d.describe() for d in parity.outputs), soft_wrap=True)
+                  + escape("; ".join(d.describe() for d in parity.outputs)), soft_wrap=True)
     render_variants(console, result.variants, result.profile.name, result.metric_basis)
     latency = Table(title="Chosen variant per profile", title_justify="left")
     for column in ("profile", "p50 ms", "p99 ms", "throughput/s", "limits here"):
@@ -75,32 +75,32 @@ def render_build(console: Console, result: Any) -> None:
         latency.add_row(result.profile.name, "-", "-", "-", "not measured: another architecture")
     for name, why in result.not_measured.items():
         if name != result.profile.name:
-            latency.add_row(name, "-", "-", "-", f"not measured: {why}")
+            latency.add_row(name, "-", "-", "-", escape(f"not measured: {why}"))
     console.print(latency)
-    console.print(f"Bundle: [bold]{result.bundle}[/] ({result.bundle_bytes / 1024:.0f} KiB, "
-                  f"sha256 {result.bundle_sha256[:16]}…); timings in {result.report}", soft_wrap=True)
+    console.print(f"Bundle: [bold]{escape(str(result.bundle))}[/] ({result.bundle_bytes / 1024:.0f} KiB, "
+                  f"sha256 {result.bundle_sha256[:16]}…); timings in {escape(str(result.report))}", soft_wrap=True)
     console.print("Next steps:")
     for step in result.next_steps:
         console.print(f"  {step}", soft_wrap=True, markup=False)
 
 
 def render_variants(console: Console, rows: list[Any], profile: str, metric_basis: str) -> None:
-    table = Table(title=f"Variants on {profile} (accuracy: {metric_basis})", title_justify="left")
+    table = Table(title=f"Variants on {profile} (accuracy: {escape(metric_basis)})", title_justify="left")
     for column in ("variant", "size KiB", "accuracy", "p50 ms", "p99 ms", "verdict", "why"):
         table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
     for row in rows:
         bench = row.bench or {}
         style = "bold green" if row.verdict == "chosen" else "dim" if row.verdict == "skipped" else ""
         why = f"{row.reason} ({row.speed})" if row.speed else row.reason
-        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", row.accuracy,
-                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, why, style=style)
+        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", escape(row.accuracy),
+                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, escape(why), style=style)
     console.print(table)
 
 
 def render_bench(console: Console, report: dict[str, Any]) -> None:
     bundle = report.get("bundle", {})
-    console.print(f"[bold]{bundle.get('name', report.get('model'))}[/] {bundle.get('version', '')} "
-                  f"({bundle.get('variant', '')}) on [bold]{report['profile']}[/] — {report['measured_on']}")
+    console.print(f"[bold]{escape(str(bundle.get('name', report.get('model'))))}[/] {bundle.get('version', '')} "
+                  f"({bundle.get('variant', '')}) on [bold]{report['profile']}[/] — {escape(report['measured_on'])}")
     table = Table()
     for column in ("runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "session ms",
                    "first run ms", "peak RSS MB"):
@@ -110,7 +110,7 @@ def render_bench(console: Console, report: dict[str, Any]) -> None:
                   f"{report['first_inference_ms']:.2f}", f"{report['peak_rss_mb']:.0f}")
     console.print(table)
     console.print(f"batch {report['batch']}, {report['input_source']} input; "
-                  f"{report['environment']['cpu_model']}, onnxruntime {report['environment']['onnxruntime']}")
+                  f"{escape(report['environment']['cpu_model'])}, onnxruntime {report['environment']['onnxruntime']}")
     for limit, state in report["limits"].items():
         console.print(f"  {limit}: {state}", markup=False)
 
@@ -129,7 +129,7 @@ def render_device_bench(console: Console, comparison: Any) -> None:
     reports = [device] + ([emulated] if emulated else [])
     for report in reports:
         rss = report.get("peak_rss_mb")
-        table.add_row(report["measured_on"], str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]),
+        table.add_row(escape(report["measured_on"]), str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]),
                       _ms(report["p99_ms"]), _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}",
                       f"{report['session_create_ms']:.1f}", f"{report['first_inference_ms']:.2f}",
                       "-" if rss is None else f"{rss:.0f}")
