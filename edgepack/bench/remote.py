@@ -125,6 +125,7 @@ def compare_on_device(archive: Path, target: SshTarget, profile: Profile, settin
 def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings: BenchSettings,
                     remote: RemoteSettings = RemoteSettings()) -> dict[str, Any]:
     """Verify here, copy, unpack and benchmark on the device with ``profile``'s limits; its JSON report."""
+    from edgepack.bench.runner import bench_args
     from edgepack.manifest import parse_manifest
     from edgepack.runtime.bundle import verify_archive
 
@@ -134,7 +135,7 @@ def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings
     folder = session.prepare()
     try:
         session.copy(archive, f"{folder}/bundle.tar.gz")
-        report = session.bench(folder, verified.root, _bench_args(profile, settings),
+        report = session.bench(folder, verified.root, bench_args(profile, settings),
                                timeout_s=settings.loop.max_time_s + _SLACK_S + archive.stat().st_size / 10e6)
     finally:
         session.remove(folder)
@@ -145,15 +146,6 @@ def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings
                         "built_for": manifest.target.profile, "verified": "here before copying, and on the "
                         "device by runtime.bench before loading"}
     return report
-
-
-def _bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
-    """The same limits and loop as a run emulated here (``edgepack.bench.runner``), so figures compare."""
-    args = ["--threads", str(profile.onnxruntime.threads), "--cpus", str(profile.cpus),
-            "--batch", str(settings.batch), "--warmup-runs", str(settings.loop.warmup_runs),
-            "--min-time", str(settings.loop.min_time_s), "--min-runs", str(settings.loop.min_runs),
-            "--max-time", str(settings.loop.max_time_s)]
-    return args + (["--memory-mb", str(profile.memory_mb)] if profile.memory_mb else [])
 
 
 class _Ssh:

@@ -87,19 +87,17 @@ def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> d
     return _run(["--bundle", str(root)], profile, settings)
 
 
+def bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
+    """``runtime.bench`` flags for a profile's limits and the loop: the same here and on a device."""
+    args = ["--threads", str(profile.onnxruntime.threads), "--cpus", str(profile.cpus),
+            "--batch", str(settings.batch), "--warmup-runs", str(settings.loop.warmup_runs),
+            "--min-time", str(settings.loop.min_time_s), "--min-runs", str(settings.loop.min_runs),
+            "--max-time", str(settings.loop.max_time_s)]
+    return args + (["--memory-mb", str(profile.memory_mb)] if profile.memory_mb else [])
+
+
 def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: float | None = None) -> dict[str, Any]:
-    command = [
-        sys.executable, "-m", "edgepack.runtime.bench", *args,
-        "--threads", str(profile.onnxruntime.threads),
-        "--cpus", str(profile.cpus),
-        "--batch", str(settings.batch),
-        "--warmup-runs", str(settings.loop.warmup_runs),
-        "--min-time", str(settings.loop.min_time_s),
-        "--min-runs", str(settings.loop.min_runs),
-        "--max-time", str(settings.loop.max_time_s),
-    ]
-    if profile.memory_mb:
-        command += ["--memory-mb", str(profile.memory_mb)]
+    command = [sys.executable, "-m", "edgepack.runtime.bench", *args, *bench_args(profile, settings)]
     if profile.quota_cores():
         command += ["--cpu-quota", f"{profile.quota_cores():g}"]
     with isolate(CgroupLimits(cpu_quota=profile.quota_cores(), memory_mb=profile.memory_mb)) as cage:
