@@ -109,6 +109,11 @@ def render_bench(console: Console, report: dict[str, Any]) -> None:
                   _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}", f"{report['session_create_ms']:.1f}",
                   f"{report['first_inference_ms']:.2f}", f"{report['peak_rss_mb']:.0f}")
     console.print(table)
+    if "p50_ci95_ms" in report:
+        low, high = report["p50_ci95_ms"]
+        console.print(f"p50 95% interval {low:.4f}–{high:.4f} ms (±{report['p50_ci95_rel']:.2%}) after "
+                      f"{report['runs']} runs, {report.get('warmup_runs', '?')} warm-up"
+                      + ("" if report.get("converged", True) else "; the time budget ended before ±2%"))
     console.print(f"batch {report['batch']}, {report['input_source']} input; "
                   f"{escape(report['environment']['cpu_model'])}, onnxruntime {report['environment']['onnxruntime']}")
     for limit, state in report["limits"].items():

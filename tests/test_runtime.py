@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import edgepack.runtime
-from edgepack.runtime.bench import LoopConfig, summarize, time_runs
+from edgepack.runtime.bench import LoopConfig, median_ci, summarize, time_runs
 from edgepack.runtime.bundle import extract_archive
 
 RUNTIME = Path(edgepack.runtime.__file__).parent
@@ -67,18 +67,50 @@ def test_runtime_runs_alone_from_an_unpacked_bundle(built_bundle, tmp_path):
 
 def test_time_runs_honours_minimums():
     calls = []
-    samples = time_runs(lambda: calls.append(1), LoopConfig(warmup_runs=5, warmup_s=0.0, min_runs=50,
-                                                            min_time_s=0.01, max_time_s=5))
-    assert len(samples) >= 50 and len(calls) == len(samples) + 5  # warm-up runs are not timed
+    timed = time_runs(lambda: calls.append(1), LoopConfig(warmup_runs=5, warmup_s=0.0, min_runs=50,
+                                                          min_time_s=0.01, max_time_s=5))
+    samples = timed.samples
+    assert len(samples) >= 50 and len(calls) == len(samples) + timed.warmup_runs  # warm-up runs are not timed
+    assert timed.warmup_runs >= 5 and timed.converged
     assert all(isinstance(s, int) and s >= 0 for s in samples)
+
+
+def test_time_runs_goes_on_until_the_median_is_known():
+    # A bimodal run time (0 or ~2 ms, irregular) needs many runs before the median's interval is
+    # within 2%; with no target the loop stops at its minimums.
+    import random
+    import time
+
+    rng = random.Random(0)
+
+    def jittery() -> None:
+        if rng.random() < 0.3:
+            time.sleep(0.0005)
+
+    loose = time_runs(jittery, LoopConfig(warmup_runs=5, warmup_s=0.0, min_runs=20, min_time_s=0.0,
+                                          max_time_s=5, target_ci=None))
+    tight = time_runs(jittery, LoopConfig(warmup_runs=5, warmup_s=0.0, min_runs=20, min_time_s=0.0,
+                                          max_time_s=5, target_ci=0.02))
+    assert len(loose.samples) == 20
+    assert len(tight.samples) > len(loose.samples)
+    assert tight.converged == (median_ci(tight.samples)[2] <= 0.02)
+
+
+def test_median_ci_brackets_the_median():
+    values = np.random.default_rng(1).lognormal(size=2001)
+    low, high, relative = median_ci(values)
+    assert low < np.median(values) < high
+    assert relative == pytest.approx((high - low) / 2 / np.median(values))
+    # More samples, narrower interval.
+    assert median_ci(np.random.default_rng(1).lognormal(size=20001))[2] < relative
 
 
 def test_time_runs_stops_at_the_time_budget():
     import time
 
-    samples = time_runs(lambda: time.sleep(0.01), LoopConfig(warmup_runs=1, warmup_s=0.0, min_runs=10_000,
-                                                             min_time_s=0.0, max_time_s=0.2))
-    assert 5 <= len(samples) < 100
+    timed = time_runs(lambda: time.sleep(0.01), LoopConfig(warmup_runs=1, warmup_s=0.0, max_warmup_s=0.1,
+                                                           min_runs=10_000, min_time_s=0.0, max_time_s=0.2))
+    assert 5 <= len(timed.samples) < 100
 
 
 def test_summarize_matches_numpy():

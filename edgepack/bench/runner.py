@@ -92,7 +92,8 @@ def bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
     args = ["--threads", str(profile.onnxruntime.threads), "--cpus", str(profile.cpus),
             "--batch", str(settings.batch), "--warmup-runs", str(settings.loop.warmup_runs),
             "--min-time", str(settings.loop.min_time_s), "--min-runs", str(settings.loop.min_runs),
-            "--max-time", str(settings.loop.max_time_s)]
+            "--max-time", str(settings.loop.max_time_s), "--max-warmup", str(settings.loop.max_warmup_s),
+            "--target-ci", str(settings.loop.target_ci or 0)]
     return args + (["--memory-mb", str(profile.memory_mb)] if profile.memory_mb else [])
 
 
