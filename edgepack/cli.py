@@ -133,6 +133,7 @@ def build(
     bench_time: float = typer.Option(0.5, help="Timed seconds per variant, split over 5 alternating rounds."),
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
+    max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
 ) -> None:
@@ -147,7 +148,7 @@ def build(
         calibration_method=calibration_method, validation=validation, label_column=label_column,  # type: ignore[arg-type]
         max_accuracy_drop=max_accuracy_drop, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
         atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
-        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb,
+        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb, max_memory_mb=max_memory_mb,
     )
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = run_build(spec, reporter)
@@ -224,11 +225,14 @@ def bench(
     ssh: Optional[str] = typer.Option(None, "--ssh", metavar="USER@HOST[:PORT]", help="Also benchmark on this device over SSH (needs python3, numpy and onnxruntime there) and compare."),
     identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="Private key for --ssh (default: your ssh keys and agent)."),
     remote_python: str = typer.Option("python3", help="Python on the --ssh device."),
+    max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) after the report when p99 is above this."),
+    max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) after the report when peak memory is above this."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (with --ssh: {device, emulated})."),
 ) -> None:
     """Benchmark a verified bundle on a device profile, with the profile's limits applied; --ssh adds the real device."""
     from edgepack.bench.profiles import resolve_profile
     from edgepack.bench.runner import BenchSettings, bench_bundle
+    from edgepack.budgets import Budgets, check_bench
     from edgepack.render import render_bench, render_device_bench
 
     if batch < 1 or bench_time <= 0:
@@ -236,21 +240,25 @@ def bench(
     if identity is not None and ssh is None:
         raise typer.BadParameter("--identity needs --ssh USER@HOST")
     settings = BenchSettings.timed(bench_time, batch=batch)
+    target = resolve_profile(profile)
+    budgets = Budgets(max_p99_ms=max_p99_ms, max_memory_mb=max_memory_mb).merged_with(target)
     if ssh is not None:
         from edgepack.bench.remote import RemoteSettings, SshTarget, compare_on_device
 
-        comparison = compare_on_device(bundle, SshTarget.parse(ssh, identity), resolve_profile(profile), settings,
+        comparison = compare_on_device(bundle, SshTarget.parse(ssh, identity), target, settings,
                                        RemoteSettings(python=remote_python))
         if json_out:
             print(json.dumps(comparison.to_json(), indent=2))
         else:
             render_device_bench(_stdout(), comparison)
+        check_bench(comparison.device, budgets, target)  # the device's figures are the ones that count
         return
-    report = bench_bundle(bundle, resolve_profile(profile), settings)
+    report = bench_bundle(bundle, target, settings)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
         render_bench(_stdout(), report)
+    check_bench(report, budgets, target)
 
 
 @app.command()

@@ -18,10 +18,11 @@ import onnx
 
 import edgepack
 from edgepack.bench.profiles import Profile, all_profiles, resolve_profile
+from edgepack.budgets import check_bench, check_size
 from edgepack.convert.base import LoadOptions, SourceModel, recorded_converter
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
-from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityError
+from edgepack.errors import ConversionError, InputError, ParityError
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
@@ -146,7 +147,8 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
                                    select_options(spec), config, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
-        _check_latency_budget(selection.chosen_bench, profile, spec)
+        budgets = spec.budgets.merged_with(profile)
+        check_bench(selection.chosen_bench, budgets, profile)
 
         reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
         model_bytes = selection.chosen_path.read_bytes()
@@ -154,7 +156,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         manifest = _manifest(spec, profile, source, sample, selection, model_bytes, opset, ir_version, parity,
                              config, files)
         root, archive = assemble(files, manifest)
-        _check_size_budget(len(archive), profile, spec)
+        check_size(len(archive), budgets)
         bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
         report_path = write_atomic(spec.out / f"{root}.bench.json",
                                    _bench_report(manifest, profile, selection, not_measured))
@@ -256,22 +258,6 @@ def _dims(shape: tuple[int, ...]) -> str:
 
 def _input_names(model: Path) -> list[str]:
     return [i.name for i in onnx.load(model, load_external_data=False).graph.input]
-
-
-def _check_latency_budget(bench: dict[str, Any] | None, profile: Profile, spec: BuildSpec) -> None:
-    limit = spec.max_p99_ms or profile.budgets.max_p99_ms
-    if limit and bench and bench["p99_ms"] > limit:
-        raise BudgetExceeded(
-            f"p99 latency {bench['p99_ms']:.3f} ms on {profile.name} exceeds the budget of {limit:g} ms",
-            "use a faster variant (--quantize auto), a smaller model, or raise --max-p99-ms",
-        )
-
-
-def _check_size_budget(size: int, profile: Profile, spec: BuildSpec) -> None:
-    limit = spec.max_size_mb or profile.budgets.max_size_mb
-    if limit and size > limit * 2**20:
-        raise BudgetExceeded(f"bundle size {size / 2**20:.2f} MB exceeds the budget of {limit:g} MB",
-                             "try --quantize int8-dynamic or raise --max-size-mb")
 
 
 def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: SampleData, selection: Selection,

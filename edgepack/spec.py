@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgepack.budgets import Budgets
 from edgepack.convert.base import model_file
 from edgepack.errors import InputError
 from edgepack.quantize import VARIANTS_FOR_MODE, CalibrationMethod, QuantizeMode
@@ -38,6 +39,7 @@ class BuildSpec:
     bench_time_s: float = 0.5
     max_p99_ms: float | None = None
     max_size_mb: float | None = None
+    max_memory_mb: float | None = None
 
     def __post_init__(self) -> None:
         if self.sample is None and self.input_shape is None:
@@ -61,6 +63,10 @@ class BuildSpec:
         if self.name is not None and not _NAME.match(self.name):
             raise InputError(f"--name {self.name!r} is not a valid bundle name",
                              "use lowercase letters, digits, '.', '_' or '-' (at most 64)")
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(self.max_p99_ms, self.max_size_mb, self.max_memory_mb)
 
     @property
     def bundle_name(self) -> str:

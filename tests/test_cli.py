@@ -129,3 +129,27 @@ def test_help_is_fast_and_lists_exit_codes():
     assert done.stdout.strip() == "[]"
     shown = runner.invoke(app, ["--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0 and "Exit codes" in shown.stdout and "7 integrity failure" in shown.stdout
+
+
+def test_budgets_fail_bench_and_build_after_reporting(data_dir, built_bundle, tmp_path):
+    # bench: the report is printed, then one error line and exit 6.
+    result = runner.invoke(app, ["bench", str(built_bundle), "--profile", "edge-1core", "--bench-time", "0.1",
+                                 "--json", "--max-memory-mb", "1"])
+    assert result.exit_code == 6
+    assert json.loads(result.stdout)["peak_rss_mb"] > 1
+    assert result.stderr.count("\n") == 1 and "peak memory" in result.stderr and "budget of 1 MB" in result.stderr
+    within = runner.invoke(app, ["bench", str(built_bundle), "--bench-time", "0.1", "--max-memory-mb", "4096",
+                                 "--max-p99-ms", "1000"])
+    assert within.exit_code == 0, within.output
+    # build: nothing is written when the chosen variant is over budget.
+    built = runner.invoke(app, [*_build_args(data_dir, tmp_path / "out"), "--max-memory-mb", "1"])
+    assert_one_line_error(built, 6, "exceeds the budget of 1 MB")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.tar.gz"))
+
+
+def test_profile_budgets_apply(data_dir, tmp_path):
+    profile = tmp_path / "tight.toml"
+    profile.write_text('name = "tight"\ndescription = "d"\nkind = "edge"\narch = "x86_64"\ncpus = 1\n'
+                       '[onnxruntime]\nversion = "1.17"\nthreads = 1\n[budgets]\nmax_memory_mb = 1\n')
+    result = runner.invoke(app, [*_build_args(data_dir, tmp_path / "out"), "--target", str(profile)])
+    assert_one_line_error(result, 6, "peak memory")

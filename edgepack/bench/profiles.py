@@ -37,6 +37,7 @@ class RuntimeSettings(_Strict):
 class Budgets(_Strict):
     max_p99_ms: float | None = Field(None, gt=0)
     max_size_mb: float | None = Field(None, gt=0)
+    max_memory_mb: float | None = Field(None, gt=0)
 
 
 class Profile(_Strict):
