@@ -21,10 +21,17 @@ from sklearn.preprocessing import StandardScaler
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> None:
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits as float32, split 75/25 with a fixed seed: train_x, test_x, train_y, test_y.
+
+    The digits examples share it, so digits_sample.npy and digits_validation.npz are held out for all.
+    """
     features, labels = load_digits(return_X_y=True)
-    features = features.astype(np.float32)
-    train_x, test_x, train_y, test_y = train_test_split(features, labels, test_size=0.25, random_state=0)
+    return train_test_split(features.astype(np.float32), labels, test_size=0.25, random_state=0)
+
+
+def main() -> None:
+    train_x, test_x, train_y, test_y = digits_split()
     model = make_pipeline(
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(512, 512), solver="lbfgs", max_iter=300, random_state=0),

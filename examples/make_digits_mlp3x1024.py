@@ -15,20 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import skops.io as sio
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from make_digits_mlp import digits_split  # the script's folder is on sys.path when run as a file
 
 HERE = Path(__file__).resolve().parent
 
 
 def main() -> None:
-    features, labels = load_digits(return_X_y=True)
-    features = features.astype(np.float32)
-    # The same split as make_digits_mlp.py, so both share digits_sample.npy and digits_validation.npz.
-    train_x, test_x, train_y, test_y = train_test_split(features, labels, test_size=0.25, random_state=0)
+    train_x, test_x, train_y, test_y = digits_split()  # the split digits_sample.npy comes from
     model = make_pipeline(
         StandardScaler(),
         MLPClassifier(hidden_layer_sizes=(1024, 1024, 1024), solver="lbfgs", max_iter=60, random_state=0),

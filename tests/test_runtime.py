@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import edgepack.runtime
-from edgepack.runtime.bench import LoopConfig, median_ci, summarize, time_runs
+from edgepack.runtime.timing import LoopConfig, median_ci, summarize, time_runs
 from edgepack.runtime.bundle import extract_archive
 
 RUNTIME = Path(edgepack.runtime.__file__).parent

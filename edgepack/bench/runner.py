@@ -21,7 +21,7 @@ import numpy as np
 from edgepack.bench.isolation import CgroupLimits, isolate
 from edgepack.bench.profiles import Profile
 from edgepack.errors import BudgetExceeded, EdgepackError, IntegrityError
-from edgepack.runtime.bench import LoopConfig
+from edgepack.runtime.timing import LoopConfig
 
 _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
 
