@@ -55,6 +55,12 @@ def test_runtime_runs_alone_from_an_unpacked_bundle(built_bundle, tmp_path):
     assert report["runs"] >= 100 and 0 < report["p50_ms"] <= report["p99_ms"]
     assert report["limits"]["threads"] == "enforced (onnxruntime intra-op threads = 1)"
 
+    # A newer edgepack's flags are reported as ignored, not fatal: bundles outlive their builder.
+    newer = subprocess.run([sys.executable, "-m", "runtime.bench", "--min-time", "0.1", "--from-the-future", "3"],
+                           cwd=root, capture_output=True, text=True, env=env, timeout=120)
+    assert newer.returncode == 0, newer.stderr
+    assert json.loads(newer.stdout)["ignored_flags"] == ["--from-the-future", "3"]
+
     launcher = subprocess.run(["./run", "verify"], cwd=root, capture_output=True, text=True, env=env, timeout=120)
     assert launcher.returncode == 0 and "files verified" in launcher.stdout
 

@@ -248,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     from .bundle import verify_dir
     from .session import load_inputs
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Flags from a newer edgepack are reported, not fatal: a bundle outlives the edgepack that built it.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not unknown[0].startswith("--"):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ignored = {"ignored_flags": unknown} if unknown else {}
     try:
         target: dict[str, Any] = {}
         outside = _outside(args)
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                                     Limits(args.threads, args.cpus, args.memory_mb, args.cpu_quota, outside),
                                     _loop(args),
                                     rounds=args.rounds, batch=args.batch)
-            print(json.dumps(report, indent=2))
+            print(json.dumps({**report, **ignored}, indent=2))
             return 0
         if args.model is not None:
             if not args.model.is_file():
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     except EdgepackError as err:
         print(json.dumps({"error": err.one_line(), "exit_code": int(err.exit_code)}), file=sys.stderr)
         return int(err.exit_code)
-    print(json.dumps(report, indent=2))
+    print(json.dumps({**report, **ignored}, indent=2))
     return 0
 
 
