@@ -26,11 +26,12 @@ from edgepack.errors import ConversionError, InputError, ParityError
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
-from edgepack.quantize import CALIBRATION_ROWS, QuantizeConfig, canonicalize, needs_reduce_range, optimize_fp32
+from edgepack.quantize import (CALIBRATION_ROWS, QuantizeConfig, Variant, canonicalize, needs_reduce_range,
+                               optimize_fp32)
 from edgepack.runtime.bench import cpu_info
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.session import create_session, numpy_dtype
-from edgepack.sample_data import SampleData, check_rows, random_sample, read_sample, read_validation
+from edgepack.sample_data import SampleData, ValidationData, check_rows, random_sample, read_sample, read_validation
 from edgepack.select import EvalData, Selection, SelectOptions, VariantRow, choose_variant, run_model
 from edgepack.spec import BuildSpec
 from edgepack.validate import PARITY, ParityReport, compare
@@ -89,9 +90,7 @@ class BuildResult:
 
 def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
     reporter = reporter or SilentReporter()
-    profile = resolve_profile(spec.target)
-    sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
-    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
+    profile, sample, validation = _read_inputs(spec)
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
@@ -99,9 +98,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
         raise InputError(f"--weights applies to PyTorch models given as module.py:factory, not to {converter.name}",
                          "drop --weights")
     source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
-    _check_features(source, sample)
-    if validation is not None:
-        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+    _check_inputs(source, sample, validation)
     config = quantize_config(spec, profile, sample)
     reporter.finish("load", f"{source.estimator} ({source.file_format}, {_dims(sample.feature_shape)})")
 
@@ -140,11 +137,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
             )
         reporter.finish("parity", "; ".join(d.describe() for d in parity.outputs))
 
-        bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
-        evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
-                      else EvalData(sample.rows, None, sample.origin))
-        selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
-                                   select_options(spec), config, workdir, reporter)
+        selection, bench_sample = _choose(spec, fp32, source, profile, sample, validation, config, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
         budgets = spec.budgets.merged_with(profile)
@@ -200,23 +193,14 @@ def quantize_only(spec: BuildSpec, reporter: Reporter | None = None) -> Quantize
         raise InputError(f"{spec.model.name}: `edgepack quantize` takes an ONNX file",
                          "convert other models with `edgepack build`")
     converter_for(spec.model)  # the same existence checks as build
-    profile = resolve_profile(spec.target)
-    sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
-    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
+    profile, sample, validation = _read_inputs(spec)
     source = OnnxConverter().load(spec.model, LoadOptions())
-    _check_features(source, sample)
-    if validation is not None:
-        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+    _check_inputs(source, sample, validation)
     config = quantize_config(spec, profile, sample)
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-") as tmp:
         workdir = Path(tmp)
         fp32 = optimize_fp32(spec.model, workdir / "model.fp32.onnx")
-        assert fp32.path is not None
-        evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
-                      else EvalData(sample.rows, None, sample.origin))
-        bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
-        selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
-                                   select_options(spec), config, workdir, reporter)
+        selection, _ = _choose(spec, fp32, source, profile, sample, validation, config, workdir, reporter)
         stem = spec.bundle_name
         model = write_atomic(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())
         table = {"model": str(model), "source": spec.model.name, "profile": profile.name,
@@ -243,13 +227,36 @@ def select_options(spec: BuildSpec) -> SelectOptions:
                          max_accuracy_drop=spec.max_accuracy_drop, batch=spec.batch, bench_time_s=spec.bench_time_s)
 
 
-def _check_features(source: SourceModel, sample: SampleData) -> None:
+def _read_inputs(spec: BuildSpec) -> tuple[Profile, SampleData, ValidationData | None]:
+    """The target profile, the sample (or random rows of --input-shape) and labelled validation rows."""
+    profile = resolve_profile(spec.target)
+    sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
+    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
+    return profile, sample, validation
+
+
+def _check_inputs(source: SourceModel, sample: SampleData, validation: ValidationData | None) -> None:
     if source.input_shape is not None and source.input_shape != sample.feature_shape:
         raise InputError(
             f"the sample's rows have {_dims(sample.feature_shape)} but {source.estimator} expects "
             f"{_dims(source.input_shape)}",
             "pass sample rows shaped like the data the model was trained on",
         )
+    if validation is not None:
+        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
+
+
+def _choose(spec: BuildSpec, fp32: Variant, source: SourceModel, profile: Profile, sample: SampleData,
+            validation: ValidationData | None, config: QuantizeConfig, workdir: Path,
+            reporter: Reporter) -> tuple[Selection, dict[str, np.ndarray]]:
+    """The variant stage: evaluated on the validation rows (else the sample), timed on sample rows."""
+    assert fp32.path is not None
+    evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
+                  else EvalData(sample.rows, None, sample.origin))
+    bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
+    selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
+                               select_options(spec), config, workdir, reporter)
+    return selection, bench_sample
 
 
 def _dims(shape: tuple[int, ...]) -> str:
