@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -110,8 +111,23 @@ def test_no_limits_make_no_cgroup():
 def test_without_write_access_each_limit_says_why_it_is_not_enforced():
     probe = ("import json; from edgepack.bench.isolation import CgroupLimits, isolate\n"
              "with isolate(CgroupLimits(cpu_quota=0.5, memory_mb=64)) as cage: print(json.dumps(cage.report()))")
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", probe],
-                          check=False, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+    # The unprivileged user may not read the checkout or the venv (a clone in a mode-700 folder):
+    # give it a world-readable copy of the package and the base interpreter (isolation needs only
+    # the standard library).
+    readable = Path(tempfile.mkdtemp(prefix="edgepack-nobody-"))
+    try:
+        shutil.copytree(Path(__file__).resolve().parent.parent / "edgepack", readable / "edgepack",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for folder in [readable, *(p for p in readable.rglob("*") if p.is_dir())]:
+            folder.chmod(0o755)
+        for file in (p for p in readable.rglob("*") if p.is_file()):
+            file.chmod(0o644)
+        interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", interpreter, "-I", "-c",
+                               f"import sys; sys.path.insert(0, {str(readable)!r}); {probe}"],
+                              check=False, capture_output=True, text=True, timeout=60, cwd=readable)
+    finally:
+        shutil.rmtree(readable)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     for limit in ("cpu_quota", "memory"):
