@@ -117,4 +117,7 @@ def summarize(samples_ns: list[int], batch: int) -> dict[str, float]:
         "min_ms": float(ms.min()),
         "max_ms": float(ms.max()),
         "throughput_per_s": float(batch * 1000.0 / ms.mean()),
+        # The whole distribution in 101 numbers (percentiles 0..100): enough to plot it and to
+        # compare two runs beyond their medians, small enough for every report.
+        "latency_quantiles_ms": [float(q) for q in np.percentile(ms, np.arange(101))],
     }
