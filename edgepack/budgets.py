@@ -25,20 +25,25 @@ class Budgets:
 
 
 def check_bench(report: dict[str, Any] | None, budgets: Budgets, profile: Profile) -> None:
-    """p99 and peak memory of one benchmark report (nothing to check when it was not measured)."""
+    """p99 and peak memory of every configuration of a benchmark report (none when it was not measured)."""
     if not report:
         return
-    if budgets.max_p99_ms and report["p99_ms"] > budgets.max_p99_ms:
-        raise BudgetExceeded(
-            f"p99 latency {report['p99_ms']:.3f} ms on {profile.name} exceeds the budget of {budgets.max_p99_ms:g} ms",
-            "use a faster variant (--quantize auto), a smaller model, or raise --max-p99-ms",
-        )
-    peak = report.get("peak_rss_mb")
-    if budgets.max_memory_mb and peak is not None and peak > budgets.max_memory_mb:
-        raise BudgetExceeded(
-            f"peak memory {peak:.0f} MB on {profile.name} exceeds the budget of {budgets.max_memory_mb:g} MB",
-            "use a smaller variant (--quantize int8-dynamic), or raise --max-memory-mb",
-        )
+    configurations = report.get("results", [report])
+    for one in configurations:
+        where = profile.name
+        if len(configurations) > 1:
+            where += f" (batch {one['batch']}, concurrency {one.get('concurrency', 1)})"
+        if budgets.max_p99_ms and one["p99_ms"] > budgets.max_p99_ms:
+            raise BudgetExceeded(
+                f"p99 latency {one['p99_ms']:.3f} ms on {where} exceeds the budget of {budgets.max_p99_ms:g} ms",
+                "use a faster variant (--quantize auto), a smaller model, or raise --max-p99-ms",
+            )
+        peak = one.get("peak_rss_mb")
+        if budgets.max_memory_mb and peak is not None and peak > budgets.max_memory_mb:
+            raise BudgetExceeded(
+                f"peak memory {peak:.0f} MB on {where} exceeds the budget of {budgets.max_memory_mb:g} MB",
+                "use a smaller variant (--quantize int8-dynamic), or raise --max-memory-mb",
+            )
 
 
 def check_size(size_bytes: int, budgets: Budgets) -> None:

@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 import typer
 
@@ -64,6 +64,10 @@ def error_boundary(command: F) -> F:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except typer.BadParameter as err:  # BadParameter raised by a command body, after typer parsed
+            _stderr().print(f"[bold red]error:[/] {escape(err.format_message())} (see --help)", markup=True,
+                            soft_wrap=True)
+            raise typer.Exit(int(ExitCode.USAGE)) from None
         except EdgepackError as err:
             if _debug["on"]:
                 traceback.print_exc()
@@ -215,31 +219,52 @@ def verify(
                         f"for {result['profile']}), {result['files']} files verified, sha256 {result['sha256']}")
 
 
+def _sizes(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{flag} {text!r}: expected positive whole numbers, e.g. 1 or 1,8,32")
+    return values
+
+
 @app.command()
 @error_boundary
 def bench(
-    bundle: Path = typer.Argument(..., help="A bundle .tar.gz."),
+    bundle: Optional[Path] = typer.Argument(None, help="A bundle .tar.gz (not needed with --compare)."),
     profile: str = typer.Option("edge-1core", "--profile", "-p", help="Device profile to emulate here (see `edgepack profiles`)."),
-    batch: int = typer.Option(1, help="Batch size."),
-    bench_time: float = typer.Option(2.0, help="Seconds of timed runs (at least 100 runs)."),
+    batch: str = typer.Option("1", help="Batch size, or several to sweep: 1,8,32."),
+    concurrency: str = typer.Option("1", help="Requests in flight at once on one session (threads), or several: 1,4,16."),
+    processes: int = typer.Option(5, help="Fresh processes per configuration; the p50 interval is taken between them (1: faster, but blind to run-to-run noise)."),
+    bench_time: float = typer.Option(2.0, help="Seconds of timed runs per configuration, split among the processes."),
     ssh: Optional[str] = typer.Option(None, "--ssh", metavar="USER@HOST[:PORT]", help="Also benchmark on this device over SSH (needs python3, numpy and onnxruntime there) and compare."),
     identity: Optional[Path] = typer.Option(None, "--identity", "-i", help="Private key for --ssh (default: your ssh keys and agent)."),
     remote_python: str = typer.Option("python3", help="Python on the --ssh device."),
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) after the report when p99 is above this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) after the report when peak memory is above this."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (with --ssh: {device, emulated})."),
+    compare: Optional[Tuple[Path, Path]] = typer.Option(None, "--compare", metavar="OLD.json NEW.json", help="Compare two saved `bench --json` reports instead: change per metric with its noise interval; exit 6 on a regression beyond it."),
+    min_change: float = typer.Option(0.02, help="With --compare: changes smaller than this share are never flagged, even beyond the noise."),
+    gate: str = typer.Option("p50_ms,peak_rss_mb", help="With --compare: metrics whose regression fails the comparison (others are shown only)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (a sweep: {results: [...]}; with --ssh: {device, emulated})."),
 ) -> None:
     """Benchmark a verified bundle on a device profile, with the profile's limits applied; --ssh adds the real device."""
+    if compare is not None:
+        _compare_reports(compare, bundle, min_change, tuple(m.strip() for m in gate.split(",") if m.strip()), json_out)
+        return
     from edgepack.bench.profiles import resolve_profile
-    from edgepack.bench.runner import BenchSettings, bench_bundle
+    from edgepack.bench.runner import BenchSettings, bench_bundle, results
     from edgepack.budgets import Budgets, check_bench
     from edgepack.render import render_bench, render_device_bench
 
-    if batch < 1 or bench_time <= 0:
-        raise typer.BadParameter("--batch and --bench-time must be positive")
+    if bundle is None:
+        raise typer.BadParameter("give a bundle .tar.gz to benchmark (or --compare OLD.json NEW.json)")
+    if bench_time <= 0 or processes < 1:
+        raise typer.BadParameter("--bench-time and --processes must be positive")
     if identity is not None and ssh is None:
         raise typer.BadParameter("--identity needs --ssh USER@HOST")
-    settings = BenchSettings.timed(bench_time, batch=batch)
+    settings = BenchSettings.timed(bench_time, batches=_sizes(batch, "--batch"),
+                                   concurrency=_sizes(concurrency, "--concurrency"), processes=processes)
     target = resolve_profile(profile)
     budgets = Budgets(max_p99_ms=max_p99_ms, max_memory_mb=max_memory_mb).merged_with(target)
     if ssh is not None:
@@ -257,8 +282,25 @@ def bench(
     if json_out:
         print(json.dumps(report, indent=2))
     else:
-        render_bench(_stdout(), report)
+        render_bench(_stdout(), results(report))
     check_bench(report, budgets, target)
+
+
+def _compare_reports(files: Tuple[Path, Path], bundle: Optional[Path], min_change: float, gate: tuple[str, ...],
+                     json_out: bool) -> None:
+    from edgepack.bench.compare import compare_files, fail_on_regressions
+    from edgepack.render import render_comparison
+
+    if bundle is not None:
+        raise typer.BadParameter("--compare takes two saved reports, not a bundle")
+    if not 0 <= min_change < 1:
+        raise typer.BadParameter("--min-change must be within 0..1, e.g. 0.02")
+    comparison = compare_files(*files, min_change=min_change, gate=gate)
+    if json_out:
+        print(json.dumps(comparison.to_json(), indent=2))
+    else:
+        render_comparison(_stdout(), comparison)
+    fail_on_regressions(comparison)
 
 
 @app.command()

@@ -54,6 +54,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _sig(value: float | None) -> str:
+    """Four significant figures: 0.02967 and 12.34 both read well in one column."""
+    return "-" if value is None else f"{value:.4g}"
+
+
 def render_build(console: Console, result: Any) -> None:
     manifest = result.manifest
     console.print()
@@ -97,60 +102,94 @@ def render_variants(console: Console, rows: list[Any], profile: str, metric_basi
     console.print(table)
 
 
-def render_bench(console: Console, report: dict[str, Any]) -> None:
-    bundle = report.get("bundle", {})
-    console.print(f"[bold]{escape(str(bundle.get('name', report.get('model'))))}[/] {bundle.get('version', '')} "
-                  f"({bundle.get('variant', '')}) on [bold]{report['profile']}[/] — {escape(report['measured_on'])}")
+def render_bench(console: Console, reports: list[dict[str, Any]], title: str | None = None) -> None:
+    """One row per measured configuration (batch, concurrency, where measured), then how well each is known."""
+    first = reports[0]
+    bundle = first.get("bundle", {})
+    if title is None:
+        title = (f"[bold]{escape(str(bundle.get('name', first.get('model'))))}[/] {bundle.get('version', '')} "
+                 f"({bundle.get('variant', '')}) on [bold]{escape(first['profile'])}[/]")
+    console.print(title, soft_wrap=True)
+    places = {report["measured_on"] for report in reports}
     table = Table()
-    for column in ("runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "session ms",
-                   "first run ms", "peak RSS MB"):
-        table.add_column(column, justify="right")
-    table.add_row(str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]), _ms(report["p99_ms"]),
-                  _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}", f"{report['session_create_ms']:.1f}",
-                  f"{report['first_inference_ms']:.2f}", f"{report['peak_rss_mb']:.0f}")
+    columns = (["measured on"] if len(places) > 1 else []) + [
+        "batch", "conc", "runs", "p50 ms", "±95%", "p90 ms", "p99 ms", "per s", "RSS MB"]
+    for column in columns:
+        table.add_column(column, justify="left" if column == "measured on" else "right")
+    for report in reports:
+        rss = report.get("peak_rss_mb")
+        row = [escape(report["measured_on"])] if len(places) > 1 else []
+        table.add_row(*row, str(report["batch"]), str(report.get("concurrency", 1)), str(report["runs"]),
+                      _sig(report["p50_ms"]), f"{report.get('p50_ci95_rel', 0):.1%}", _sig(report["p90_ms"]),
+                      _sig(report["p99_ms"]), f"{report['throughput_per_s']:.0f}", "-" if rss is None else f"{rss:.0f}")
     console.print(table)
-    if "p50_ci95_ms" in report:
-        low, high = report["p50_ci95_ms"]
-        console.print(f"p50 95% interval {low:.4f}–{high:.4f} ms (±{report['p50_ci95_rel']:.2%}) after "
-                      f"{report['runs']} runs, {report.get('warmup_runs', '?')} warm-up"
-                      + ("" if report.get("converged", True) else "; the time budget ended before ±2%"))
-    console.print(f"batch {report['batch']}, {report['input_source']} input; "
-                  f"{escape(report['environment']['cpu_model'])}, onnxruntime {report['environment']['onnxruntime']}")
-    for limit, state in report["limits"].items():
-        console.print(f"  {limit}: {state}", markup=False)
+    cold = sorted({(r["session_create_ms"], r["first_inference_ms"]) for r in reports})
+    console.print("cold start: " + ", ".join(f"session {s:.1f} ms + first run {f:.2f} ms" for s, f in cold[:3])
+                  + (" (median over processes)" if reports[0].get("processes") else ""), soft_wrap=True, markup=False)
+    if len(places) == 1:
+        console.print(f"Measured on {first['measured_on']}.", soft_wrap=True, markup=False)
+    intervals = {report.get("interval", "within one process") for report in reports}
+    unsettled = sum(not report.get("converged", True) for report in reports)
+    console.print("±95%: half-width of the p50's 95% confidence interval, " + "; ".join(sorted(intervals))
+                  + (f"; {unsettled} configuration(s) ended on the time budget before ±2%" if unsettled else ""),
+                  soft_wrap=True, markup=False)
+    seen: set[str] = set()
+    for report in reports:
+        env = report["environment"]
+        line = (f"{report['measured_on']}: {env['cpu_model']} ({env['machine']}, {env['cpu_count']} CPUs), "
+                f"Python {env['python']}, onnxruntime {env['onnxruntime']}; {report['input_source']} input")
+        limits = "  limits: " + ", ".join(f"{k}: {v}" for k, v in report["limits"].items())
+        for text in (line, limits):
+            if text not in seen:
+                seen.add(text)
+                console.print(text, soft_wrap=True, markup=False)
 
 
 def render_device_bench(console: Console, comparison: Any) -> None:
     """The device's figures next to the same profile emulated here (or alone for another architecture)."""
-    device, emulated = comparison.device, comparison.emulated
-    bundle = device["bundle"]
-    console.print(f"[bold]{escape(bundle['name'])}[/] {bundle['version']} ({bundle['variant']}) with profile "
-                  f"[bold]{escape(comparison.profile.name)}[/]: measured on the device"
-                  + (" and emulated here" if emulated else ""), soft_wrap=True)
-    table = Table()
-    for column in ("measured on", "runs", "p50 ms", "p90 ms", "p99 ms", "mean ms", "throughput/s", "session ms",
-                   "first run ms", "peak RSS MB"):
-        table.add_column(column, justify="left" if column == "measured on" else "right")
-    reports = [device] + ([emulated] if emulated else [])
-    for report in reports:
-        rss = report.get("peak_rss_mb")
-        table.add_row(escape(report["measured_on"]), str(report["runs"]), _ms(report["p50_ms"]), _ms(report["p90_ms"]),
-                      _ms(report["p99_ms"]), _ms(report["mean_ms"]), f"{report['throughput_per_s']:.0f}",
-                      f"{report['session_create_ms']:.1f}", f"{report['first_inference_ms']:.2f}",
-                      "-" if rss is None else f"{rss:.0f}")
-    console.print(table)
-    if emulated is None:
+    from edgepack.bench.runner import results
+
+    device, emulated = results(comparison.device), results(comparison.emulated) if comparison.emulated else []
+    bundle = device[0]["bundle"]
+    render_bench(console, device + emulated,
+                 title=f"[bold]{escape(bundle['name'])}[/] {bundle['version']} ({bundle['variant']}) with profile "
+                       f"[bold]{escape(comparison.profile.name)}[/]: measured on the device"
+                       + (" and emulated here" if emulated else ""))
+    if not emulated:
         console.print(f"Not emulated here: {comparison.profile.name} is {comparison.profile.arch}; "
                       "the device's figures stand alone.", soft_wrap=True, markup=False)
-    else:
-        console.print(f"device/emulated p50: {device['p50_ms'] / emulated['p50_ms']:.2f}×", soft_wrap=True)
-    for report in reports:
-        env = report["environment"]
-        console.print(f"{report['measured_on']}: {env['cpu_model']} ({env['machine']}, {env['cpu_count']} CPUs), "
-                      f"Python {env['python']}, onnxruntime {env['onnxruntime']}", soft_wrap=True, markup=False)
-        limits = ", ".join(f"{k}: {v}" for k, v in report["limits"].items())
-        console.print(f"  limits: {limits}", soft_wrap=True, markup=False)
+    for mine, theirs in zip(device, emulated):
+        console.print(f"batch {mine['batch']}, concurrency {mine.get('concurrency', 1)}: device/emulated p50 "
+                      f"{mine['p50_ms'] / theirs['p50_ms']:.2f}×", soft_wrap=True)
     console.print(f"Verified {bundle['verified']}.", soft_wrap=True, markup=False)
+
+
+_VERDICT_STYLE = {"regression": "bold red", "improvement": "green", "within noise": "dim", "no interval": "dim"}
+
+
+def render_comparison(console: Console, comparison: Any) -> None:
+    """Per configuration and metric: old, new, change, the noise interval of the change, and the verdict."""
+    console.print(f"[bold]{escape(comparison.old)}[/] → [bold]{escape(comparison.new)}[/]", soft_wrap=True)
+    for config in comparison.configs:
+        table = Table(title=escape(f"{config.profile}: {config.name} "
+                                   f"({config.processes[0]} → {config.processes[1]} processes)"), title_justify="left")
+        for column in ("metric", "old", "new", "change", "noise ±95%", "verdict"):
+            table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
+        for change in config.changes:
+            noise = "-" if change.noise_rel is None else f"{change.noise_rel:.1%}"
+            style = _VERDICT_STYLE[change.verdict]
+            table.add_row(change.label + (" *" if change.gated else ""), f"{change.old:.4g}", f"{change.new:.4g}", f"{change.change:+.1%}", noise,
+                          f"[{style}]{change.verdict}[/]")
+        console.print(table)
+    for text in comparison.unmatched:
+        console.print(f"only in one report: {text}", soft_wrap=True, markup=False)
+    for text in comparison.warnings:
+        console.print(f"[yellow]note[/]: {escape(text)}", soft_wrap=True)
+    found = comparison.regressions
+    console.print("* gated: a regression there fails the comparison (exit 6); --gate chooses the metrics",
+                  soft_wrap=True, markup=False)
+    console.print(f"[bold red]{len(found)} regression(s) beyond the noise in gated metrics[/]" if found
+                  else "[green]no regression beyond the noise in gated metrics[/]")
 
 
 def render_profiles(console: Console, profiles: list[Profile]) -> None:

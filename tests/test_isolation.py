@@ -146,7 +146,8 @@ def test_bench_reports_memory_and_cpu_quota_as_enforced_on_edge_1core(built_bund
 
 
 @needs_cgroups
-def test_a_model_over_the_profile_memory_is_an_out_of_memory_verdict(tmp_path):
+@pytest.mark.parametrize("processes", [1, 3])
+def test_a_model_over_the_profile_memory_is_an_out_of_memory_verdict(tmp_path, processes):
     """A 128 MB weight under a 48 MB profile: exit code 6 and one line, not a crash."""
     import numpy as np
     import onnx
@@ -164,7 +165,7 @@ def test_a_model_over_the_profile_memory_is_an_out_of_memory_verdict(tmp_path):
     profile = tmp_path / "tiny.toml"
     profile.write_text(EDGE_1CORE.format(extra=""))
     with pytest.raises(BudgetExceeded) as caught:
-        bench_onnx(model, None, load_profile_file(profile), BenchSettings.timed(0.1))
+        bench_onnx(model, None, load_profile_file(profile), BenchSettings.timed(0.1, processes=processes))
     assert int(caught.value.exit_code) == 6 and "\n" not in caught.value.one_line()
     assert str(caught.value) == "the model needs more than 48 MB: out of memory under tiny's 48 MB limit"
 

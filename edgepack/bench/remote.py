@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 # Exit codes of the remote shell scripts below (ssh itself exits 255 on its own failures).
 _NO_PYTHON, _NO_MODULES, _UNPACK_FAILED = 90, 91, 92
 _SSH_FAILED = 255
-_SLACK_S = 120  # interpreter start, session creation and checksums on a slow device
 _SAFE_DIR = re.compile(r"^/[A-Za-z0-9._/+-]*edgepack-bench\.[A-Za-z0-9]+$")
 _TARGET = re.compile(r"^(?:(?P<user>[A-Za-z0-9._][A-Za-z0-9._-]*)@)?"
                      r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::(?P<port>[0-9]{1,5}))?$")
@@ -125,7 +124,7 @@ def compare_on_device(archive: Path, target: SshTarget, profile: Profile, settin
 def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings: BenchSettings,
                     remote: RemoteSettings = RemoteSettings()) -> dict[str, Any]:
     """Verify here, copy, unpack and benchmark on the device with ``profile``'s limits; its JSON report."""
-    from edgepack.bench.runner import bench_args
+    from edgepack.bench.runner import bench_args, label
     from edgepack.manifest import parse_manifest
     from edgepack.runtime.bundle import verify_archive
 
@@ -136,16 +135,14 @@ def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings
     try:
         session.copy(archive, f"{folder}/bundle.tar.gz")
         report = session.bench(folder, verified.root, bench_args(profile, settings),
-                               timeout_s=settings.loop.max_time_s + _SLACK_S + archive.stat().st_size / 10e6)
+                               timeout_s=settings.timeout_s() + archive.stat().st_size / 10e6)
     finally:
         session.remove(folder)
-    report["profile"] = profile.name
-    report["measured_on"] = f"device {target.login}"
-    report["device"] = {"ssh": target.address, "python": remote.python}
-    report["bundle"] = {"name": manifest.name, "version": manifest.version, "variant": manifest.variant,
-                        "built_for": manifest.target.profile, "verified": "here before copying, and on the "
-                        "device by runtime.bench before loading"}
-    return report
+    return label(report, profile=profile.name, measured_on=f"device {target.login}",
+                 device={"ssh": target.address, "python": remote.python},
+                 bundle={"name": manifest.name, "version": manifest.version, "variant": manifest.variant,
+                         "built_for": manifest.target.profile, "verified": "here before copying, and on the "
+                         "device by runtime.bench before loading"})
 
 
 class _Ssh:

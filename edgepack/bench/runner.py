@@ -30,10 +30,25 @@ _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
 class BenchSettings:
     batch: int = 1
     loop: LoopConfig = LoopConfig()
+    # Sweeps and repeats for `edgepack bench`; a build's variant timing uses one of each.
+    batches: tuple[int, ...] = ()  # empty: (batch,)
+    concurrency: tuple[int, ...] = (1,)
+    processes: int = 1  # fresh processes per configuration; the p50 interval is taken between them
 
     @classmethod
-    def timed(cls, seconds: float, batch: int = 1) -> "BenchSettings":
-        return cls(batch=batch, loop=replace(LoopConfig(), min_time_s=seconds))
+    def timed(cls, seconds: float, batch: int = 1, batches: tuple[int, ...] = (), concurrency: tuple[int, ...] = (1,),
+              processes: int = 1) -> "BenchSettings":
+        return cls(batch=batches[0] if batches else batch, loop=replace(LoopConfig(), min_time_s=seconds),
+                   batches=batches, concurrency=concurrency, processes=processes)
+
+    @property
+    def configurations(self) -> int:
+        return len(self.batches or (self.batch,)) * len(self.concurrency)
+
+    def timeout_s(self) -> float:
+        """How long the whole benchmark may take: every process starts, warms up and runs its share."""
+        per_process = self.loop.max_time_s / self.processes + self.loop.max_warmup_s + 15
+        return self.configurations * self.processes * per_process + _SLACK_S
 
 
 def bench_onnx(model: Path, sample: dict[str, np.ndarray] | None, profile: Profile,
@@ -78,7 +93,8 @@ def compare_onnx(models: dict[str, Path], sample: dict[str, np.ndarray] | None, 
             inputs = Path(tmp) / "input.npz"
             np.savez(inputs, **sample)
             args += ["--input", str(inputs)]
-        return _run(args, profile, settings, timeout_s=len(models) * settings.loop.max_time_s)
+        return _run(args, profile, replace(settings, batches=(settings.batch,), concurrency=(1,), processes=1),
+                    timeout_s=len(models) * settings.loop.max_time_s + _SLACK_S)
 
 
 def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
@@ -89,8 +105,10 @@ def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> d
 
 def bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
     """``runtime.bench`` flags for a profile's limits and the loop: the same here and on a device."""
+    batches = ",".join(map(str, settings.batches or (settings.batch,)))
     args = ["--threads", str(profile.onnxruntime.threads), "--cpus", str(profile.cpus),
-            "--batch", str(settings.batch), "--warmup-runs", str(settings.loop.warmup_runs),
+            "--batch", batches, "--concurrency", ",".join(map(str, settings.concurrency)),
+            "--processes", str(settings.processes), "--warmup-runs", str(settings.loop.warmup_runs),
             "--min-time", str(settings.loop.min_time_s), "--min-runs", str(settings.loop.min_runs),
             "--max-time", str(settings.loop.max_time_s), "--max-warmup", str(settings.loop.max_warmup_s),
             "--target-ci", str(settings.loop.target_ci or 0)]
@@ -104,7 +122,7 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: 
     with isolate(CgroupLimits(cpu_quota=profile.quota_cores(), memory_mb=profile.memory_mb)) as cage:
         try:
             done = subprocess.run(cage.wrap(command + cage.flags()), capture_output=True, text=True,
-                                  timeout=(timeout_s or settings.loop.max_time_s) + _SLACK_S, check=False)
+                                  timeout=timeout_s or settings.timeout_s(), check=False)
         except subprocess.TimeoutExpired:
             raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
                                 "lower --bench-time or check the model") from None
@@ -115,9 +133,18 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: 
                 "choose a profile with more memory_mb, or a smaller variant (--quantize int8-dynamic)")
     if done.returncode != 0:
         raise _child_error(done.stderr, done.returncode, profile.name)
-    report = json.loads(done.stdout)
-    report["profile"] = profile.name
-    report["measured_on"] = f"this host, emulating {profile.name}"
+    return label(json.loads(done.stdout), profile=profile.name, measured_on=f"this host, emulating {profile.name}")
+
+
+def results(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configurations of a bench report: one, or a sweep's ``results``."""
+    return report["results"] if "results" in report else [report]
+
+
+def label(report: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """Set ``fields`` on every configuration of ``report``."""
+    for one in results(report):
+        one.update(fields)
     return report
 
 
@@ -142,6 +169,5 @@ def bench_bundle(archive: Path, profile: Profile, settings: BenchSettings) -> di
         root = extract_archive(archive, Path(tmp))
         manifest = parse_manifest(json.loads((root / "manifest.json").read_text()), str(archive))
         report = bench_bundle_dir(root, profile, settings)
-    report["bundle"] = {"name": manifest.name, "version": manifest.version, "variant": manifest.variant,
-                        "built_for": manifest.target.profile}
-    return report
+    return label(report, bundle={"name": manifest.name, "version": manifest.version, "variant": manifest.variant,
+                                 "built_for": manifest.target.profile})

@@ -15,12 +15,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .errors import EdgepackError, InputError
-from .timing import LoopConfig, summarize, time_runs
+from .repeat import Config, run_repeated
+from .timing import LoopConfig, summarize, time_concurrent, time_runs
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_PROCESSES = 5
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def apply_limits(limits: Limits) -> Enforcement:
 
 
 def environment(threads: int | None) -> dict[str, Any]:
+    import numpy as np
     import onnxruntime as ort
 
     cpu_model, flags = cpu_info()
@@ -100,9 +105,12 @@ def environment(threads: int | None) -> dict[str, Any]:
 
 def bench_model(
     model: Path, sample: dict[str, np.ndarray] | None, limits: Limits, config: LoopConfig,
-    batch: int = 1, providers: list[str] | None = None,
+    batch: int = 1, providers: list[str] | None = None, concurrency: int = 1,
 ) -> dict[str, Any]:
-    """Cold start, then the loop; a JSON-ready report. Call in a fresh process for clean memory figures."""
+    """Cold start, then the loop; a JSON-ready report. Call in a fresh process for clean memory figures.
+
+    With ``concurrency`` above 1, that many threads share the session, as a server's requests would.
+    """
     from .session import create_session, make_feed, peak_rss_mb
 
     enforcement = apply_limits(limits)
@@ -114,15 +122,24 @@ def bench_model(
     run(None, feed)
     first_s = time.perf_counter() - started
     # partial is a C call: nothing but session.run sits between the two clock reads.
-    timed = time_runs(functools.partial(run, None, feed), config)
-    stats = summarize(timed.samples, batch)
+    call = functools.partial(run, None, feed)
+    if concurrency > 1:
+        together = time_concurrent(call, config, concurrency)
+        stats = summarize(together.samples, batch)
+        stats["throughput_per_s"] = len(together.samples) * batch / (together.wall_ns / 1e9)
+        loop_state = {"warmup_runs": together.warmup_runs, "warmup_settled": together.warmup_settled,
+                      "converged": True}
+    else:
+        timed = time_runs(call, config)
+        stats = summarize(timed.samples, batch)
+        loop_state = {"warmup_runs": timed.warmup_runs, "warmup_settled": timed.warmup_settled,
+                      "converged": timed.converged}
     peak = peak_rss_mb()
     return {
         **stats,
-        "warmup_runs": timed.warmup_runs,
-        "warmup_settled": timed.warmup_settled,
-        "converged": timed.converged,
+        **loop_state,
         "batch": batch,
+        "concurrency": concurrency,
         "input_source": source,
         "input_shapes": {name: list(array.shape) for name, array in feed.items()},
         "session_create_ms": create_s * 1000,
@@ -171,7 +188,7 @@ def compare_models(
     for name, by_round in samples.items():
         flat = [value for chunk in by_round for value in chunk]
         results[name] = {**summarize(flat, batch), **per_model[name], "batch": batch,
-                         "rounds_p50_ms": [float(np.median(chunk)) / 1e6 for chunk in by_round]}
+                         "rounds_p50_ms": [summarize(chunk, batch)["p50_ms"] for chunk in by_round]}
     return {"models": results, "rounds": rounds, "limits": enforcement.applied, "loop": asdict(config),
             "environment": environment(limits.threads), "measured_on": "this host"}
 
@@ -214,7 +231,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="a limit the launcher enforced on this process, and how (repeat)")
     parser.add_argument("--not-enforced", action="append", default=[], metavar="LIMIT=WHY",
                         help="a limit the launcher could not enforce, and why (repeat)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", default="1", help="batch size, or several to sweep: 1,8,32")
+    parser.add_argument("--concurrency", default="1",
+                        help="threads sending requests to one session at once, or several to sweep: 1,4")
+    parser.add_argument("--processes", type=int, default=DEFAULT_PROCESSES,
+                        help="fresh processes per configuration; the p50 interval is taken between them "
+                             "(1: one process, interval from its own runs); --min-time is split among them")
     parser.add_argument("--min-runs", type=int, default=LoopConfig.min_runs)
     parser.add_argument("--min-time", type=float, default=LoopConfig.min_time_s)
     parser.add_argument("--max-time", type=float, default=LoopConfig.max_time_s)
@@ -244,9 +266,34 @@ def _outside(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return tuple(outside)
 
 
+def _sizes(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(value < 1 for value in values):
+        raise InputError(f"{flag} {text!r}: expected positive whole numbers, e.g. 1 or 1,8,32", "fix the flag")
+    return list(dict.fromkeys(values))
+
+
+def _child_command(args: argparse.Namespace) -> list[str]:
+    """The command of one benchmark process: these flags, its share of the time, one configuration."""
+    share = args.processes
+    command = [sys.executable, "-m", __package__ or "runtime", "bench", "--processes", "1",
+               "--min-time", str(args.min_time / share), "--max-time", str(args.max_time / share),
+               "--min-runs", str(max(args.min_runs // share, 20)), "--warmup-runs", str(args.warmup_runs),
+               "--max-warmup", str(args.max_warmup), "--target-ci", str(args.target_ci or 0)]
+    for flag in ("bundle", "model", "input", "threads", "cpus", "memory_mb", "cpu_quota"):
+        value = getattr(args, flag)
+        if value is not None:
+            command += [f"--{flag.replace('_', '-')}", str(value)]
+    command += [arg for item in args.enforced for arg in ("--enforced", item)]
+    command += [arg for item in args.not_enforced for arg in ("--not-enforced", item)]
+    return command + (["--random-input"] if args.random_input else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bundle import verify_dir
-    from .session import load_inputs
 
     parser = _parser()
     # Flags from a newer edgepack are reported, not fatal: a bundle outlives the edgepack that built it.
@@ -255,46 +302,72 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     ignored = {"ignored_flags": unknown} if unknown else {}
     try:
-        target: dict[str, Any] = {}
         outside = _outside(args)
+        batches, concurrency = _sizes(args.batch, "--batch"), _sizes(args.concurrency, "--concurrency")
+        if args.processes < 1:
+            raise InputError(f"--processes {args.processes}: expected 1 or more", "fix the flag")
         if args.compare:
-            models = dict(item.split("=", 1) for item in args.compare)
-            missing = [path for path in models.values() if not Path(path).is_file()]
-            if missing:
-                raise InputError(f"{missing[0]}: no such model file", "check the path")
-            sample = None if args.random_input or args.input is None else load_inputs(args.input)
-            report = compare_models({name: Path(path) for name, path in models.items()}, sample,
-                                    Limits(args.threads, args.cpus, args.memory_mb, args.cpu_quota, outside),
-                                    _loop(args),
-                                    rounds=args.rounds, batch=args.batch)
-            print(json.dumps({**report, **ignored}, indent=2))
-            return 0
-        if args.model is not None:
-            if not args.model.is_file():
-                raise InputError(f"{args.model}: no such model file", "check the path")
-            model, sample_path, name = args.model, args.input, args.model.stem
+            result = _compare(args, outside, batches)
+        elif args.processes > 1 or len(batches) * len(concurrency) > 1:
+            if args.model is None:
+                verify_dir(args.bundle or Path(__file__).resolve().parent.parent)  # fail once, before any process
+            configs = [Config(b, c) for b in batches for c in concurrency]
+            per_process_s = args.max_time / args.processes + args.max_warmup + 120
+            reports = run_repeated(_child_command(args), configs, args.processes, per_process_s)
+            reports = [{**report, **ignored} for report in reports]
+            result = reports[0] if len(reports) == 1 else {"results": reports}
         else:
-            root = args.bundle or Path(__file__).resolve().parent.parent
-            manifest = verify_dir(root).manifest
-            model, name = root / manifest["model"], manifest["name"]
-            sample_path = root / manifest["bench_input"] if manifest.get("bench_input") else None
-            target = manifest.get("target", {})
-        sample = None if args.random_input or sample_path is None else load_inputs(sample_path)
-        limits = Limits(
-            threads=args.threads if args.threads is not None else target.get("threads"),
-            cpus=args.cpus if args.cpus is not None else target.get("cpus"),
-            memory_mb=args.memory_mb if args.memory_mb is not None else target.get("memory_mb"),
-            cpu_quota=args.cpu_quota if args.cpu_quota is not None else target.get("cpu_quota"),
-            outside=outside,
-        )
-        report = bench_model(model, sample, limits, _loop(args), batch=args.batch,
-                             providers=target.get("providers"))
-        report["model"] = name
+            result = _one_process(args, outside, batches[0], concurrency[0])
     except EdgepackError as err:
         print(json.dumps({"error": err.one_line(), "exit_code": int(err.exit_code)}), file=sys.stderr)
         return int(err.exit_code)
-    print(json.dumps({**report, **ignored}, indent=2))
+    print(json.dumps({**result, **ignored}, indent=2))
     return 0
+
+
+def _compare(args: argparse.Namespace, outside: tuple[tuple[str, str], ...], batches: list[int]) -> dict[str, Any]:
+    from .session import load_inputs
+
+    models = dict(item.split("=", 1) for item in args.compare)
+    missing = [path for path in models.values() if not Path(path).is_file()]
+    if missing:
+        raise InputError(f"{missing[0]}: no such model file", "check the path")
+    if len(batches) > 1:
+        raise InputError("--compare times one batch size", "give one --batch")
+    sample = None if args.random_input or args.input is None else load_inputs(args.input)
+    return compare_models({name: Path(path) for name, path in models.items()}, sample,
+                          Limits(args.threads, args.cpus, args.memory_mb, args.cpu_quota, outside),
+                          _loop(args), rounds=args.rounds, batch=batches[0])
+
+
+def _one_process(args: argparse.Namespace, outside: tuple[tuple[str, str], ...], batch: int,
+                 concurrency: int) -> dict[str, Any]:
+    from .bundle import verify_dir
+    from .session import load_inputs
+
+    target: dict[str, Any] = {}
+    if args.model is not None:
+        if not args.model.is_file():
+            raise InputError(f"{args.model}: no such model file", "check the path")
+        model, sample_path, name = args.model, args.input, args.model.stem
+    else:
+        root = args.bundle or Path(__file__).resolve().parent.parent
+        manifest = verify_dir(root).manifest
+        model, name = root / manifest["model"], manifest["name"]
+        sample_path = root / manifest["bench_input"] if manifest.get("bench_input") else None
+        target = manifest.get("target", {})
+    sample = None if args.random_input or sample_path is None else load_inputs(sample_path)
+    limits = Limits(
+        threads=args.threads if args.threads is not None else target.get("threads"),
+        cpus=args.cpus if args.cpus is not None else target.get("cpus"),
+        memory_mb=args.memory_mb if args.memory_mb is not None else target.get("memory_mb"),
+        cpu_quota=args.cpu_quota if args.cpu_quota is not None else target.get("cpu_quota"),
+        outside=outside,
+    )
+    report = bench_model(model, sample, limits, _loop(args), batch=batch, providers=target.get("providers"),
+                         concurrency=concurrency)
+    report["model"] = name
+    return report
 
 
 if __name__ == "__main__":

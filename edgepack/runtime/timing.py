@@ -7,11 +7,16 @@ two clock reads: a prebuilt feed, a bound ``run``, integer nanoseconds.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy is imported inside the functions that need it: the process that only starts and combines
+# benchmark processes (``repeat``) stays small, because it shares their memory limit.
 
 
 @dataclass(frozen=True)
@@ -47,23 +52,8 @@ def time_runs(run: Callable[[], object], config: LoopConfig) -> TimedRuns:
     within ``target_ci``, or ``max_time_s`` ends. Checks happen between runs, never inside the
     timed region, at geometrically spaced counts so their cost stays small.
     """
+    warmed, settled = warm_up(run, config)
     clock = time.perf_counter_ns
-    started = clock()
-    min_warm, max_warm = started + int(config.warmup_s * 1e9), started + int(config.max_warmup_s * 1e9)
-    block, previous, warmed, settled = max(5, config.warmup_runs // 2), None, 0, False
-    while True:
-        times = []
-        for _ in range(block):
-            t0 = clock()
-            run()
-            times.append(clock() - t0)
-        warmed += block
-        median = sorted(times)[block // 2]
-        settled = previous is not None and abs(median - previous) <= _SETTLED * previous
-        now = clock()
-        if (settled and warmed >= config.warmup_runs and now >= min_warm) or now >= max_warm:
-            break
-        previous = median
     samples: list[int] = []
     record = samples.append
     start = clock()
@@ -84,6 +74,71 @@ def time_runs(run: Callable[[], object], config: LoopConfig) -> TimedRuns:
             next_check = len(samples) + max(len(samples) // 4, 50)
 
 
+def warm_up(run: Callable[[], object], config: LoopConfig) -> tuple[int, bool]:
+    """Run ``run`` in blocks until two consecutive block medians agree; (runs done, settled)."""
+    clock = time.perf_counter_ns
+    started = clock()
+    min_warm, max_warm = started + int(config.warmup_s * 1e9), started + int(config.max_warmup_s * 1e9)
+    block, previous, warmed, settled = max(5, config.warmup_runs // 2), None, 0, False
+    while True:
+        times = []
+        for _ in range(block):
+            t0 = clock()
+            run()
+            times.append(clock() - t0)
+        warmed += block
+        median = sorted(times)[block // 2]
+        settled = previous is not None and abs(median - previous) <= _SETTLED * previous
+        now = clock()
+        if (settled and warmed >= config.warmup_runs and now >= min_warm) or now >= max_warm:
+            break
+        previous = median
+    return warmed, settled
+
+
+@dataclass(frozen=True)
+class ConcurrentRuns:
+    samples: list[int]  # nanoseconds per request, every thread's together
+    wall_ns: int  # from the threads' common start to the last one's end
+    warmup_runs: int
+    warmup_settled: bool
+
+
+def time_concurrent(run: Callable[[], object], config: LoopConfig, concurrency: int) -> ConcurrentRuns:
+    """``concurrency`` threads call ``run`` at once for ``min_time_s``, as concurrent requests would.
+
+    onnxruntime releases the GIL inside ``run``, so the threads overlap in the model; throughput is
+    requests over wall time, latency is per request. Time-bounded only: the threads' samples are not
+    independent, so no confidence target is pursued here.
+    """
+    warmed, settled = warm_up(run, config)
+    per_thread: list[list[int]] = [[] for _ in range(concurrency)]
+    start_line = threading.Barrier(concurrency + 1)
+    deadline = [0]
+
+    def worker(samples: list[int]) -> None:
+        clock, record = time.perf_counter_ns, samples.append
+        start_line.wait()
+        while True:
+            t0 = clock()
+            run()
+            t1 = clock()
+            record(t1 - t0)
+            if t1 >= deadline[0]:
+                return
+
+    threads = [threading.Thread(target=worker, args=(samples,), daemon=True) for samples in per_thread]
+    for thread in threads:
+        thread.start()
+    started = time.perf_counter_ns()
+    deadline[0] = started + int(config.min_time_s * 1e9)
+    start_line.wait()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter_ns() - started
+    return ConcurrentRuns([value for samples in per_thread for value in samples], wall, warmed, settled)
+
+
 def median_ci(samples: list[int] | np.ndarray) -> tuple[float, float, float]:
     """Distribution-free 95% confidence interval of the median: (low, high, half-width / median).
 
@@ -91,6 +146,8 @@ def median_ci(samples: list[int] | np.ndarray) -> tuple[float, float, float]:
     95% confidence for j, k = n/2 -/+ 1.96 * sqrt(n) / 2; no assumption about the distribution,
     which for latencies is skewed and often multi-modal.
     """
+    import numpy as np
+
     ordered = np.sort(np.asarray(samples, dtype=np.float64))
     n = len(ordered)
     half = _Z95 * np.sqrt(n) / 2
@@ -101,6 +158,8 @@ def median_ci(samples: list[int] | np.ndarray) -> tuple[float, float, float]:
 
 
 def summarize(samples_ns: list[int], batch: int) -> dict[str, float]:
+    import numpy as np
+
     ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
     p50, p90, p95, p99 = np.percentile(ms, [50, 90, 95, 99])
     low, high, relative = median_ci(ms)
