@@ -111,10 +111,26 @@ def main_options(
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _with_project_file(ctx: typer.Context, config: Optional[Path], command: str) -> dict[str, Any]:
+    """The command's options, those not typed taken from edgepack.toml (or --config FILE) when it sets them."""
+    from edgepack.project_file import find_project_file, merge_options
+
+    explicit = {name for name in ctx.params
+                if (source := ctx.get_parameter_source(name)) is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
+    project = find_project_file(config)
+    if project is not None and not ctx.params.get("quiet") and not ctx.params.get("json_out"):
+        _stderr().print(f"[dim]options from {escape(str(project.path))}[/]", soft_wrap=True)
+    return merge_options(ctx.params, explicit, project, command)  # type: ignore[arg-type]
+
+
+_CONFIG_HELP = "Project file with [build], [bench] and [budgets] (default: ./edgepack.toml when present); flags win over it."
+
+
 @app.command()
 @error_boundary
 def build(
-    model: Path = typer.Argument(..., help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, or .onnx."),
+    ctx: typer.Context,
+    model: Optional[Path] = typer.Argument(None, show_default=False, help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, or .onnx."),
     weights: Optional[Path] = typer.Option(None, help="State dict for a PyTorch model given as module.py:factory."),
     target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
     sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv with header): fix the signature, drive parity and benchmarks."),
@@ -140,20 +156,14 @@ def build(
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle."""
     from edgepack.pipeline import build as run_build
     from edgepack.render import ProgressReporter, render_build
     from edgepack.spec import BuildSpec
 
-    spec = BuildSpec(
-        model=model, target=target, sample=sample, input_shape=input_shape, input_dtype=input_dtype,
-        out=out, name=name, weights=weights, quantize=quantize, calibration=calibration,  # type: ignore[arg-type]
-        calibration_method=calibration_method, validation=validation, label_column=label_column,  # type: ignore[arg-type]
-        max_accuracy_drop=max_accuracy_drop, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
-        atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
-        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb, max_memory_mb=max_memory_mb,
-    )
+    spec = BuildSpec.from_options(_with_project_file(ctx, config, "build"))
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = run_build(spec, reporter)
     if json_out:
@@ -232,6 +242,7 @@ def _sizes(text: str, flag: str) -> tuple[int, ...]:
 @app.command()
 @error_boundary
 def bench(
+    ctx: typer.Context,
     bundle: Optional[Path] = typer.Argument(None, help="A bundle .tar.gz (not needed with --compare)."),
     profile: str = typer.Option("edge-1core", "--profile", "-p", help="Device profile to emulate here (see `edgepack profiles`)."),
     batch: str = typer.Option("1", help="Batch size, or several to sweep: 1,8,32."),
@@ -247,8 +258,13 @@ def bench(
     min_change: float = typer.Option(0.02, help="With --compare: changes smaller than this share are never flagged, even beyond the noise."),
     gate: str = typer.Option("p50_ms,peak_rss_mb", help="With --compare: metrics whose regression fails the comparison (others are shown only)."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (a sweep: {results: [...]}; with --ssh: {device, emulated})."),
+    config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
     """Benchmark a verified bundle on a device profile, with the profile's limits applied; --ssh adds the real device."""
+    options = _with_project_file(ctx, config, "bench")
+    profile, batch, concurrency, processes, bench_time, max_p99_ms, max_memory_mb = (
+        options[key] for key in ("profile", "batch", "concurrency", "processes", "bench_time", "max_p99_ms",
+                                 "max_memory_mb"))
     if compare is not None:
         _compare_reports(compare, bundle, min_change, tuple(m.strip() for m in gate.split(",") if m.strip()), json_out)
         return

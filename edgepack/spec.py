@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from edgepack.budgets import Budgets
 from edgepack.convert.base import model_file
@@ -63,6 +64,18 @@ class BuildSpec:
         if self.name is not None and not _NAME.match(self.name):
             raise InputError(f"--name {self.name!r} is not a valid bundle name",
                              "use lowercase letters, digits, '.', '_' or '-' (at most 64)")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "BuildSpec":
+        """A spec from `edgepack build`'s options (flags and edgepack.toml merged), by their names."""
+        names = {field.name for field in fields(cls)}
+        values = {key: value for key, value in options.items() if key in names}
+        if options.get("model") is None:
+            raise InputError("no model given", "pass MODEL, or set model under [build] in edgepack.toml")
+        values["trust"] = tuple(options.get("trust") or ())
+        if "bench_time" in options:
+            values["bench_time_s"] = options["bench_time"]
+        return cls(**values)
 
     @property
     def budgets(self) -> Budgets:

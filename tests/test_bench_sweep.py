@@ -19,7 +19,7 @@ from edgepack.bench.profiles import resolve_profile
 from edgepack.bench.runner import BenchSettings, bench_onnx, results
 from edgepack.cli import app
 from edgepack.runtime.repeat import mean_interval, t975
-from tests.cli_checks import assert_one_line_error
+from cli_checks import assert_one_line_error
 
 runner = CliRunner()
 

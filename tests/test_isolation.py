@@ -171,7 +171,7 @@ def test_a_model_over_the_profile_memory_is_an_out_of_memory_verdict(tmp_path, p
 
 
 @pytest.mark.parametrize("extra, message", [
-    ("cpu_share = 0.5", "cpu_share: Extra inputs are not permitted"),
+    ("cpu_share = 0.5", "cpu_share: unknown key"),
     ("cpu_quota = 2.0", "cpu_quota 2 is more than the 1 core(s) of cpus"),
     ("cpu_quota = 0", "cpu_quota: Input should be greater than 0"),
 ])

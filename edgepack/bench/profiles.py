@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edgepack.errors import InputError, UnsupportedHere
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from edgepack.toml_files import read_toml, validate
 
 # The repository's targets/ (editable installs), unless EDGEPACK_TARGETS points elsewhere.
 TARGETS_DIR = Path(os.environ.get("EDGEPACK_TARGETS") or Path(__file__).resolve().parents[2] / "targets")
@@ -102,21 +97,8 @@ def host_arch() -> str:
 
 
 def load_profile_file(path: Path) -> Profile:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise InputError(f"{path}: cannot read profile ({err.strerror})", "check the path") from None
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path}: not valid TOML ({err})", "fix the file") from None
-    try:
-        return Profile.model_validate({**data, "source": path})
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise InputError(
-            f"{path}: {where}: {first['msg']}",
-            "see targets/README.md for the profile keys",
-        ) from None
+    data = read_toml(path, "profile")
+    return validate(Profile, {**data, "source": path}, path, "see targets/README.md for the profile keys")
 
 
 @cache
