@@ -16,7 +16,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 import typer
 
 from edgepack import __version__
-from edgepack.errors import EdgepackError, ExitCode
+from edgepack.errors import EdgepackError, ExitCode, InputError
 
 EXIT_CODES = (
     "Exit codes: 0 ok · 1 internal error · 2 usage error · 3 bad input · 4 conversion failed · "
@@ -154,6 +154,7 @@ def build(
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page (self-contained, offline) with every timed variant's latency distribution."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
@@ -166,6 +167,9 @@ def build(
     spec = BuildSpec.from_options(_with_project_file(ctx, config, "build"))
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = run_build(spec, reporter)
+    if report is not None:
+        _write_report(report, [row.bench for row in result.variants if row.bench],
+                      f"edgepack build: {result.manifest.name} {result.manifest.version}, variants on {result.profile.name}")
     if json_out:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -257,6 +261,7 @@ def bench(
     compare: Optional[Tuple[Path, Path]] = typer.Option(None, "--compare", metavar="OLD.json NEW.json", help="Compare two saved `bench --json` reports instead: change per metric with its noise interval; exit 6 on a regression beyond it."),
     min_change: float = typer.Option(0.02, help="With --compare: changes smaller than this share are never flagged, even beyond the noise."),
     gate: str = typer.Option("p50_ms,peak_rss_mb", help="With --compare: metrics whose regression fails the comparison (others are shown only)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page (self-contained, offline): latency distributions, comparison table, environment."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (a sweep: {results: [...]}; with --ssh: {device, emulated})."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
@@ -288,18 +293,33 @@ def bench(
 
         comparison = compare_on_device(bundle, SshTarget.parse(ssh, identity), target, settings,
                                        RemoteSettings(python=remote_python))
+        if report is not None:
+            _write_report(report, results(comparison.device) + (results(comparison.emulated) if comparison.emulated
+                                                                 else []), f"edgepack bench: {bundle.name}")
         if json_out:
             print(json.dumps(comparison.to_json(), indent=2))
         else:
             render_device_bench(_stdout(), comparison)
         check_bench(comparison.device, budgets, target)  # the device's figures are the ones that count
         return
-    report = bench_bundle(bundle, target, settings)
+    measured = bench_bundle(bundle, target, settings)
+    if report is not None:
+        _write_report(report, results(measured), f"edgepack bench: {bundle.name} on {target.name}")
     if json_out:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(measured, indent=2))
     else:
-        render_bench(_stdout(), results(report))
-    check_bench(report, budgets, target)
+        render_bench(_stdout(), results(measured))
+    check_bench(measured, budgets, target)
+
+
+def _write_report(path: Path, reports: list[dict[str, Any]], title: str) -> None:
+    from edgepack.bench.report_html import write_html_report
+
+    try:
+        write_html_report(path, reports, title)
+    except OSError as err:
+        raise InputError(f"{path}: cannot write the report ({err.strerror})", "choose a writable --report path") from None
+    _stderr().print(f"[dim]HTML report: {escape(str(path))}[/]", soft_wrap=True)
 
 
 def _compare_reports(files: Tuple[Path, Path], bundle: Optional[Path], min_change: float, gate: tuple[str, ...],

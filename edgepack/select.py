@@ -113,7 +113,8 @@ def choose_variant(fp32: Variant, kinds: tuple[OutputKind, ...], evaluation: Eva
                                 BenchSettings.timed(options.bench_time_s, options.batch), rounds=BENCH_ROUNDS)
         for row in rows:
             if row.name in compared["models"]:
-                row.bench = {**compared["models"][row.name], "limits": compared["limits"]}
+                row.bench = {**compared["models"][row.name], "variant": row.name,
+                             **{key: compared[key] for key in ("limits", "environment", "profile", "measured_on")}}
         reporter.finish("bench", "; ".join(f"{r.name} p50 {r.bench['p50_ms']:.4f} ms" for r in rows if r.bench))
     chosen = _decide(rows, profile, options)
     chosen_path = next(v.path for v in variants if v.name == chosen.name)

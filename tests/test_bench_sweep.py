@@ -138,3 +138,26 @@ def test_compare_errors_are_one_line(models, tmp_path):
     ]
     for args, code, message in cases:
         assert_one_line_error(runner.invoke(app, args), code, message, args)
+
+
+def test_bench_and_build_write_html_reports(built_bundle, data_dir, tmp_path):
+    page = tmp_path / "reports" / "bench.html"
+    result = runner.invoke(app, ["bench", str(built_bundle), "--batch", "1,4", "--processes", "2",
+                                 "--bench-time", "0.2", "--report", str(page)])
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    assert html.count("<svg") == 3  # one distribution per configuration and the overlay
+    assert "batch 4" in html and "edge-1core" in html and "://" not in html
+
+    built = tmp_path / "build.html"
+    result = runner.invoke(app, ["build", str(data_dir / "classifier.skops"), "--sample", str(data_dir / "sample.npy"),
+                                 "--out", str(tmp_path / "dist"), "--bench-time", "0.2", "--quiet", "--json",
+                                 "--report", str(built)])
+    assert result.exit_code == 0, result.output
+    timed = [row["name"] for row in json.loads(result.stdout)["variants"] if row["p50_ms"] is not None]
+    html = built.read_text()
+    assert timed and all(name in html for name in timed) and html.count("<svg") == len(timed) + 1
+
+    unwritable = runner.invoke(app, ["bench", str(built_bundle), "--processes", "1", "--bench-time", "0.1",
+                                     "--report", str(built_bundle / "x.html")])
+    assert_one_line_error(unwritable, 3, "cannot write the report")
