@@ -164,7 +164,10 @@ def build(
     from edgepack.render import ProgressReporter, render_build
     from edgepack.spec import BuildSpec
 
-    spec = BuildSpec.from_options(_with_project_file(ctx, config, "build"))
+    options = _with_project_file(ctx, config, "build")
+    if options["model"] is None:
+        raise typer.BadParameter("missing MODEL: pass a model file, or set model under [build] in edgepack.toml")
+    spec = BuildSpec.from_options(options)
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = run_build(spec, reporter)
     if report is not None:

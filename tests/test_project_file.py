@@ -88,11 +88,15 @@ def test_config_elsewhere_resolves_paths_from_its_own_folder(project, tmp_path, 
     ("[budgets]\nmax_p99_ms = -1\n", "edgepack.toml: budgets.max_p99_ms: Input should be greater than 0"),
     ("[bench]\nprocesses = \"many\"\n", "edgepack.toml: bench.processes:"),
     ("[build\n", "edgepack.toml: not valid TOML"),
-    ("[build]\nsample = \"sample.npy\"\n", "no model given"),
 ])
 def test_bad_project_files_are_one_line_errors(project, text, message):
     project(text)
     assert_one_line_error(runner.invoke(app, ["build", "--quiet"]), 3, message, text)
+
+
+def test_no_model_anywhere_is_a_usage_error(project):
+    project("[build]\nsample = \"sample.npy\"\n")
+    assert_one_line_error(runner.invoke(app, ["build", "--quiet"]), 2, "missing MODEL")
 
 
 def test_a_missing_config_file_is_named(tmp_path):
