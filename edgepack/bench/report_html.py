@@ -83,12 +83,12 @@ def write_html_report(path: Path, reports: list[dict], title: str) -> Path:
 
 
 def report_label(report: dict[str, Any]) -> str:
-    """variant · profile · batch · concurrency, from whichever of them the report has."""
+    """variant · profile · batch · concurrency, from whichever of them the report has (concurrency 1 goes unsaid)."""
     bundle = report.get("bundle") if isinstance(report.get("bundle"), dict) else {}
     parts = [report.get("variant") or bundle.get("variant") or report.get("model") or bundle.get("name") or "model",
              report.get("profile"),
              None if report.get("batch") is None else f"batch {report['batch']}",
-             None if report.get("concurrency") is None else f"concurrency {report['concurrency']}"]
+             None if report.get("concurrency") in (None, 1) else f"concurrency {report['concurrency']}"]
     return " · ".join(str(part) for part in parts if part not in (None, ""))
 
 
