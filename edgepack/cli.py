@@ -134,6 +134,8 @@ def build(
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="x86_64 | aarch64: also bundle onnxruntime and numpy wheels for this architecture (the target profile's), so the device needs only python3."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", help="The device's Python for the --arch wheels, e.g. 3.11 (default: the profile's python, else 3.11)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
 ) -> None:
@@ -148,10 +150,11 @@ def build(
         calibration_method=calibration_method, validation=validation, label_column=label_column,  # type: ignore[arg-type]
         max_accuracy_drop=max_accuracy_drop, allow_pickle=allow_pickle, trust=tuple(trust),  # type: ignore[arg-type]
         atol=atol, rtol=rtol, min_agreement=min_agreement, batch=batch, bench_time_s=bench_time,
-        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb, max_memory_mb=max_memory_mb,
+        max_p99_ms=max_p99_ms, max_size_mb=max_size_mb, max_memory_mb=max_memory_mb, arch=arch,
+        python_version=python_version,
     )
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
-        result = run_build(spec, reporter)
+        result = run_build(spec, reporter, debug=_debug["on"])
     if json_out:
         print(json.dumps(result.to_json(), indent=2))
     else:
