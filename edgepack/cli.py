@@ -154,6 +154,8 @@ def build(
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="x86_64 | aarch64: also bundle onnxruntime and numpy wheels for this architecture (the target profile's), so the device needs only python3."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", help="The device's Python for the --arch wheels, e.g. 3.11 (default: the profile's python, else 3.11)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page (self-contained, offline) with every timed variant's latency distribution."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
@@ -169,7 +171,7 @@ def build(
         raise typer.BadParameter("missing MODEL: pass a model file, or set model under [build] in edgepack.toml")
     spec = BuildSpec.from_options(options)
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
-        result = run_build(spec, reporter)
+        result = run_build(spec, reporter, debug=_debug["on"])
     if report is not None:
         _write_report(report, [row.bench for row in result.variants if row.bench],
                       f"edgepack build: {result.manifest.name} {result.manifest.version}, variants on {result.profile.name}")

@@ -5,7 +5,7 @@ Every error carries a one-line message and a hint; ``edgepack.cli`` turns them i
 
 from __future__ import annotations
 
-from edgepack.runtime.errors import EdgepackError, ExitCode, InputError, IntegrityError
+from edgepack.runtime.errors import EdgepackError, ExitCode, InputError, IntegrityError, UnsupportedHere
 
 __all__ = [
     "BudgetExceeded",
@@ -36,12 +36,6 @@ class BudgetExceeded(EdgepackError):
     """A latency, size or memory budget was exceeded."""
 
     exit_code = ExitCode.BUDGET
-
-
-class UnsupportedHere(EdgepackError):
-    """The request is valid but this host cannot do it (another architecture, a missing extra)."""
-
-    exit_code = ExitCode.UNSUPPORTED_HERE
 
 
 class DeviceError(EdgepackError):

@@ -66,6 +66,16 @@ class FileEntry(_Strict):
     size: int
 
 
+class WheelsRecord(_Strict):
+    """The platform wheels an ``--arch`` bundle carries for devices without numpy and onnxruntime."""
+
+    arch: Literal["x86_64", "aarch64"]
+    python: str  # MAJOR.MINOR of the CPython the wheels are for
+    platforms: list[str]  # the platform tags the wheels were chosen by
+    versions: dict[str, str]  # package -> version
+    files: list[str]  # bundle paths, wheels/<name>.whl
+
+
 class Manifest(_Strict):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -82,9 +92,13 @@ class Manifest(_Strict):
     quantization: dict[str, Any]
     parity: dict[str, Any]
     files: list[FileEntry]
+    wheels: WheelsRecord | None = None  # optional in schema 1: absent from bundles without --arch
 
     def to_json(self) -> bytes:
-        return (json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n").encode()
+        body = self.model_dump(mode="json")
+        if body["wheels"] is None:
+            del body["wheels"]  # bundles without wheels keep the bytes they had before the field existed
+        return (json.dumps(body, indent=2, sort_keys=True) + "\n").encode()
 
 
 def parse_manifest(data: dict[str, Any], where: str) -> Manifest:

@@ -23,9 +23,10 @@ from edgepack.convert.base import LoadOptions, SourceModel, recorded_converter
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
 from edgepack.errors import ConversionError, InputError, ParityError
-from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord
+from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord, WheelsRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
 from edgepack.package.npz import npz_bytes
+from edgepack.package.wheels import WheelSet, fetch_wheels, request_for
 from edgepack.quantize import (CALIBRATION_ROWS, QuantizeConfig, Variant, canonicalize, needs_reduce_range,
                                optimize_fp32)
 from edgepack.runtime.bench import cpu_info
@@ -88,9 +89,11 @@ class BuildResult:
         }
 
 
-def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
+def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False) -> BuildResult:
+    """``debug`` shows the output of the tools run underneath (pip) on stderr."""
     reporter = reporter or SilentReporter()
     profile, sample, validation = _read_inputs(spec)
+    wheels = _platform_wheels(spec, profile, reporter, debug)  # first: a fetch failure should not wait for the rest
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
@@ -145,9 +148,10 @@ def build(spec: BuildSpec, reporter: Reporter | None = None) -> BuildResult:
 
         reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
         model_bytes = selection.chosen_path.read_bytes()
-        files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_sample)})
+        files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_sample),
+                                      **(wheels.files() if wheels else {})})
         manifest = _manifest(spec, profile, source, sample, selection, model_bytes, opset, ir_version, parity,
-                             config, files)
+                             config, files, wheels)
         root, archive = assemble(files, manifest)
         check_size(len(archive), budgets)
         bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
@@ -235,6 +239,12 @@ def _read_inputs(spec: BuildSpec) -> tuple[Profile, SampleData, ValidationData |
     return profile, sample, validation
 
 
+def _platform_wheels(spec: BuildSpec, profile: Profile, reporter: Reporter, debug: bool) -> WheelSet | None:
+    if spec.arch is None:
+        return None
+    return fetch_wheels(request_for(profile, spec.arch, spec.python_version), reporter, show_pip=debug)
+
+
 def _check_inputs(source: SourceModel, sample: SampleData, validation: ValidationData | None) -> None:
     if source.input_shape is not None and source.input_shape != sample.feature_shape:
         raise InputError(
@@ -269,7 +279,7 @@ def _input_names(model: Path) -> list[str]:
 
 def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: SampleData, selection: Selection,
               model_bytes: bytes, opset: int, ir_version: int, parity: ParityReport, config: QuantizeConfig,
-              files: dict[str, bytes]) -> Manifest:
+              files: dict[str, bytes], wheels: WheelSet | None) -> Manifest:
     session, _ = create_session(selection.chosen_path, threads=1)
     digests = {v.name: hashlib.sha256(v.path.read_bytes()).hexdigest() for v in selection.variants if v.path}
     cpu_model, cpu_flags = cpu_info()
@@ -305,6 +315,9 @@ def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: Sa
         },
         parity={**parity.to_dict(), "reference": source.framework, "data": sample.origin},
         files=file_entries(files),
+        wheels=None if wheels is None else WheelsRecord(
+            arch=wheels.request.arch, python=wheels.request.python, platforms=list(wheels.request.platforms),
+            versions=wheels.versions(), files=sorted(wheels.files())),
     )
 
 

@@ -55,6 +55,8 @@ class BuildSection(_Section):
     min_agreement: float | None = Field(None, ge=0, le=1)
     batch: int | None = Field(None, ge=1)
     bench_time: float | None = Field(None, gt=0)
+    arch: str | None = None
+    python_version: str | None = None
 
 
 class BudgetsSection(_Section):

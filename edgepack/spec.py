@@ -10,6 +10,7 @@ from typing import Any
 from edgepack.budgets import Budgets
 from edgepack.convert.base import model_file
 from edgepack.errors import InputError
+from edgepack.package.wheels import ARCHES, PYTHON_VERSION
 from edgepack.quantize import VARIANTS_FOR_MODE, CalibrationMethod, QuantizeMode
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -41,6 +42,8 @@ class BuildSpec:
     max_p99_ms: float | None = None
     max_size_mb: float | None = None
     max_memory_mb: float | None = None
+    arch: str | None = None  # bundle onnxruntime and numpy wheels for this architecture
+    python_version: str | None = None  # the device's Python for those wheels (default: the profile's)
 
     def __post_init__(self) -> None:
         if self.sample is None and self.input_shape is None:
@@ -61,6 +64,14 @@ class BuildSpec:
             raise InputError(f"--min-agreement must be within 0..1, got {self.min_agreement}", "e.g. 0.99")
         if self.batch < 1 or self.bench_time_s <= 0:
             raise InputError("--batch and --bench-time must be positive", "e.g. --batch 1 --bench-time 1")
+        if self.arch is not None and self.arch not in ARCHES:
+            raise InputError(f"--arch {self.arch!r} is not an architecture", f"choose one of {', '.join(ARCHES)}")
+        if self.python_version is not None:
+            if self.arch is None:
+                raise InputError("--python-version chooses the wheels of an --arch bundle, and --arch is not given",
+                                 "add --arch, or drop --python-version")
+            if not PYTHON_VERSION.match(self.python_version):
+                raise InputError(f"--python-version {self.python_version!r} is not MAJOR.MINOR", "e.g. 3.11")
         if self.name is not None and not _NAME.match(self.name):
             raise InputError(f"--name {self.name!r} is not a valid bundle name",
                              "use lowercase letters, digits, '.', '_' or '-' (at most 64)")

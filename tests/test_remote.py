@@ -271,3 +271,29 @@ def test_targets_parse():
     assert SshTarget.parse("box").login == "box"
     six = SshTarget.parse("pi@[::1]:2200")
     assert (six.host, six.port, six.address) == ("::1", 2200, "pi@[::1]:2200")
+
+
+def test_a_bundle_with_wheels_needs_only_python_on_the_device(sshd, tmp_path):
+    """An --arch bundle brings numpy and onnxruntime: a bare Python on the device is enough."""
+    from edgepack.package.wheels import WheelFetchError
+    from edgepack.pipeline import build
+    from edgepack.spec import BuildSpec
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    if os.uname().machine != "x86_64":
+        pytest.skip("the device here is this host: needs x86_64 to run x86_64 wheels")
+    try:
+        bundle = build(BuildSpec(model=examples / "digits_mlp.skops", sample=examples / "digits_sample.npy",
+                                 out=tmp_path / "dist", quantize="none", bench_time_s=0.2, arch="x86_64",
+                                 python_version=f"{sys.version_info.major}.{sys.version_info.minor}")).bundle
+    except WheelFetchError as err:
+        pytest.skip(f"cannot fetch wheels: {err.one_line()}")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=120)
+    result, _ = _bench(sshd, bundle, "--json", "--processes", "2", python=str(tmp_path / "bare" / "bin" / "python"))
+    assert result.exit_code == 0, result.output
+    device = json.loads(result.stdout)["device"]
+    assert device["measured_on"].startswith("device ") and device["interval"].startswith("between 2 processes")
+    from edgepack.runtime.bundle import verify_archive
+
+    carried = verify_archive(bundle).manifest["wheels"]["versions"]
+    assert device["environment"]["onnxruntime"] == carried["onnxruntime"] and device["p50_ms"] > 0

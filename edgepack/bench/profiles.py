@@ -45,6 +45,8 @@ class Profile(_Strict):
     cpu_quota: float | None = Field(None, gt=0, description="cores' worth of CPU time (0.5 = half a core); "
                                                             "unset: cpus, or none when cpus = 0")
     memory_mb: int | None = Field(None, gt=0)
+    python: str | None = Field(None, pattern=r"^3\.[0-9]{1,2}$",
+                               description="the device's Python, MAJOR.MINOR: the wheels `--arch` bundles carry")
     onnxruntime: RuntimeSettings
     budgets: Budgets = Budgets()
     source: Path | None = Field(None, exclude=True)

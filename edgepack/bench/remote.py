@@ -131,7 +131,7 @@ def bench_on_device(archive: Path, target: SshTarget, profile: Profile, settings
     verified = verify_archive(archive)  # a tampered bundle never leaves this host
     manifest = parse_manifest(verified.manifest, str(archive))
     session = _Ssh(target, remote)
-    folder = session.prepare()
+    folder = session.prepare(carries_wheels=manifest.wheels is not None)  # an --arch bundle brings its own
     try:
         session.copy(archive, f"{folder}/bundle.tar.gz")
         report = session.bench(folder, verified.root, bench_args(profile, settings),
@@ -159,11 +159,11 @@ class _Ssh:
             self.options += ["-i", str(target.identity), "-o", "IdentitiesOnly=yes"]
         self.python = shlex.quote(remote.python)
 
-    def prepare(self) -> str:
+    def prepare(self, carries_wheels: bool = False) -> str:
         """Check the device's Python, then make the work folder; its absolute path."""
         script = (f"command -v {self.python} >/dev/null 2>&1 || exit {_NO_PYTHON}\n"
-                  f"{self.python} -c 'import numpy, onnxruntime' || exit {_NO_MODULES}\n"
-                  'mktemp -d "${TMPDIR:-/tmp}/edgepack-bench.XXXXXXXX"\n')
+                  + ("" if carries_wheels else f"{self.python} -c 'import numpy, onnxruntime' || exit {_NO_MODULES}\n")
+                  + 'mktemp -d "${TMPDIR:-/tmp}/edgepack-bench.XXXXXXXX"\n')
         done = self._ssh(script, timeout_s=self.remote.connect_timeout_s + 60, step="checking Python")
         where = f"{self.remote.python} on {self.target.address}"
         if done.returncode == _NO_PYTHON:

@@ -51,9 +51,18 @@ def file_entries(files: dict[str, bytes]) -> list[FileEntry]:
             for path in sorted(files)]
 
 
+def bundle_root(manifest: Manifest) -> str:
+    """``name-version``; bundles with platform wheels add ``-cp311-aarch64`` so that builds of one model
+    for several devices can share an output folder without overwriting each other."""
+    root = f"{manifest.name}-{manifest.version}"
+    if manifest.wheels is not None:
+        root += f"-cp{manifest.wheels.python.replace('.', '')}-{manifest.wheels.arch}"
+    return root
+
+
 def assemble(files: dict[str, bytes], manifest: Manifest) -> tuple[str, bytes]:
     """The bundle's folder name and archive bytes: ``files``, the manifest and SHA256SUMS."""
-    root = f"{manifest.name}-{manifest.version}"
+    root = bundle_root(manifest)
     content = {**files, runtime_bundle.MANIFEST_NAME: manifest.to_json()}
     sums = {path: hashlib.sha256(data).hexdigest() for path, data in content.items()}
     content[runtime_bundle.SUMS_NAME] = runtime_bundle.format_sums(sums).encode()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from .errors import IntegrityError
 MANIFEST_NAME = "manifest.json"
 SUMS_NAME = "SHA256SUMS"
 SCHEMA_VERSION = 1
-# Python writes bytecode caches next to the runtime when it runs from an unpacked bundle; they are
-# derived from checksummed sources, so they are the only files allowed beyond the list.
+# Python writes bytecode caches next to the runtime when it runs from an unpacked bundle, and the
+# launcher unpacks the bundled wheels into DEPS_DIR (see deps.py); both are derived from checksummed
+# files, so they are the only files allowed beyond the list.
 _DERIVED_PARTS = ("__pycache__",)
+DEPS_DIR = ".deps"
 _REQUIRED_KEYS = ("schema_version", "name", "version", "inputs", "outputs", "model", "files")
 _CHUNK = 1 << 20
 
@@ -96,12 +99,7 @@ def verify_dir(root: Path) -> VerifiedBundle:
     if not sums_path.is_file():
         raise IntegrityError(f"{where}: no {SUMS_NAME} here", "run this inside an unpacked bundle")
     sums = parse_sums(sums_path.read_text(encoding="utf-8"), where)
-    present = {
-        path.relative_to(root).as_posix()
-        for path in root.rglob("*")
-        if (path.is_file() or path.is_symlink())
-        and not any(part in _DERIVED_PARTS for part in path.relative_to(root).parts)
-    }
+    present = _present_files(root)
     present.discard(SUMS_NAME)
     _compare_sets(present, set(sums), where)
     for rel, digest in sorted(sums.items()):
@@ -202,6 +200,26 @@ def check_member(member: tarfile.TarInfo, where: str) -> str:
         f"{where}: entry {member.name!r} is {kind}; bundles hold only files and folders",
         "do not unpack it; rebuild the bundle from a trusted source",
     )
+
+
+def _present_files(root: Path) -> set[str]:
+    """Files and links under ``root``, bundle-relative, without derived folders (not even entered:
+    unpacked wheels are thousands of files, slow to walk on a small device)."""
+    present: set[str] = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        rel = here.relative_to(root)
+        links = [name for name in dirs if (here / name).is_symlink()]  # listed like files, never entered
+        dirs[:] = sorted(name for name in dirs if name not in links and not _derived((rel / name).parts))
+        for name in files + links:
+            path = here / name
+            if (path.is_file() or path.is_symlink()) and not _derived((rel / name).parts):
+                present.add((rel / name).as_posix())
+    return present
+
+
+def _derived(parts: tuple[str, ...]) -> bool:
+    return parts[0] == DEPS_DIR or any(part in _DERIVED_PARTS for part in parts)
 
 
 def _check_relative(name: str, where: str) -> str:

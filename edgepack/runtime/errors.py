@@ -47,3 +47,9 @@ class IntegrityError(EdgepackError):
     """A bundle is tampered, truncated or unsafe to unpack."""
 
     exit_code = ExitCode.INTEGRITY
+
+
+class UnsupportedHere(EdgepackError):
+    """The request is valid but this host cannot do it (another architecture, a missing extra)."""
+
+    exit_code = ExitCode.UNSUPPORTED_HERE
