@@ -323,8 +323,9 @@ def test_aarch64_bundle_answers_under_qemu(arm_bundle, tmp_path):
     # registration or chroot is needed. Timings under emulation mean nothing and are discarded.
     qemu = ["qemu-aarch64-static", "-L", str(rootfs), str(rootfs / "usr" / "bin" / "python3"), "-m", "runtime"]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LC_ALL": "C.UTF-8"}
-    bench = subprocess.run([*qemu, "bench", "--min-time", "0.2", "--max-time", "2", "--min-runs", "20",
-                            "--max-warmup", "0.5"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    # --processes 1: without binfmt, the emulated Python cannot start more of itself.
+    bench = subprocess.run([*qemu, "bench", "--processes", "1", "--min-time", "0.2", "--max-time", "2",
+                            "--min-runs", "20", "--max-warmup", "0.5"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert bench.returncode == 0, bench.stderr
     report = json.loads(bench.stdout)
     manifest = _manifest(root)

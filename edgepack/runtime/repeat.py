@@ -72,6 +72,9 @@ def _run_child(command: list[str], timeout_s: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         raise EdgepackError(f"a benchmark process did not finish in {timeout_s:.0f} s",
                             "lower --min-time or check the model") from None
+    except OSError as err:  # e.g. an emulated interpreter (qemu-user without binfmt) cannot start itself
+        raise EdgepackError(f"cannot start a benchmark process ({err.strerror}: {command[0]})",
+                            "run with --processes 1 to time in this process only") from None
     if done.returncode < 0:
         # Killed (the memory limit's SIGKILL): die the same way so the launcher sees what happened.
         sys.stderr.write(done.stderr)
