@@ -61,6 +61,10 @@ def test_processes_give_the_interval_between_their_medians(models):
     assert report["peak_rss_mb"] == max(p["peak_rss_mb"] for p in processes)
     assert len(report["latency_quantiles_ms"]) == 101
     assert report["limits"]["cpu_affinity"].startswith("enforced")  # every process applied the profile
+    import hashlib
+
+    assert report["model_sha256"] == hashlib.sha256(models["small"].read_bytes()).hexdigest()
+    assert report["input_source"] == "random" and report["input_seed"] == 0
 
 
 def test_batch_and_concurrency_sweep(models):

@@ -141,12 +141,14 @@ def bench_model(
         "batch": batch,
         "concurrency": concurrency,
         "input_source": source,
+        "input_seed": None if source == "sample" else 0,  # random inputs are seeded: runs see the same data
         "input_shapes": {name: list(array.shape) for name, array in feed.items()},
         "session_create_ms": create_s * 1000,
         "first_inference_ms": first_s * 1000,
         "peak_rss_mb": peak,
         "session_rss_mb": None if peak is None or rss_before is None else peak - rss_before,
         "model_bytes": model.stat().st_size,
+        "model_sha256": _sha256(model),
         "limits": enforcement.applied,
         "loop": asdict(config),
         "environment": environment(limits.threads),
@@ -191,6 +193,16 @@ def compare_models(
                          "rounds_p50_ms": [summarize(chunk, batch)["p50_ms"] for chunk in by_round]}
     return {"models": results, "rounds": rounds, "limits": enforcement.applied, "loop": asdict(config),
             "environment": environment(limits.threads), "measured_on": "this host"}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cpu_info() -> tuple[str, list[str]]:
