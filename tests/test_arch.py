@@ -186,7 +186,8 @@ def test_cached_wheels_need_no_network_and_bad_ones_are_replaced(x86_bundle, tmp
     cached = fetch_wheels(profile_request)
     assert cached.from_cache
     # A truncated wheel in the cache is noticed and fetched again, the same file as pinned.
-    victim = next((tmp_path / "cache" / "wheels" / folder).glob("numpy-*.whl"))
+    # The pinned numpy, not any numpy: the cache folder may hold other files too.
+    victim = tmp_path / "cache" / "wheels" / folder / next(name for name in cached.wheels if name.startswith("numpy-"))
     victim.write_bytes(victim.read_bytes()[:1000])
     try:
         again = fetch_wheels(profile_request)
