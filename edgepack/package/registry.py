@@ -56,7 +56,9 @@ class Reference:
             rest, reference = (head, tail) if sep and "/" not in tail else (rest, default_tag or "")
         if host == "docker.io" and "/" not in rest:
             rest = f"library/{rest}"
-        if not _NAME.match(rest) or not reference or (":" not in reference and not _TAG.match(reference)):
+        untagged_ok = default_tag is None and not reference  # the caller fills the tag in
+        if not _NAME.match(rest) or (not reference and not untagged_ok) \
+                or (reference and ":" not in reference and not _TAG.match(reference)):
             raise ImageError(f"{text!r} is not an image reference",
                              "write REGISTRY/REPOSITORY:TAG, e.g. 127.0.0.1:5000/models/digits:v1")
         return cls(host, rest, reference)
