@@ -166,7 +166,7 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
-    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle."""
+    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle (and, for cloud profiles, an OCI image)."""
     from edgepack.pipeline import build as run_build
     from edgepack.render import ProgressReporter, render_build
     from edgepack.spec import BuildSpec
@@ -184,35 +184,6 @@ def build(
         print(json.dumps(result.to_json(), indent=2))
     else:
         render_build(_stdout(), result)
-
-
-@app.command()
-@error_boundary
-def push(
-    image: Path = typer.Argument(..., help="An OCI layout folder (NAME-VERSION.oci) or a docker-archive tar (NAME-VERSION.image.tar)."),
-    ref: str = typer.Argument(..., help="Where to: REGISTRY/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/models/digits:v1 (default tag: the image's)."),
-    insecure: bool = typer.Option(False, "--insecure", help="Plain http (the default only for localhost and 127.0.0.1)."),
-    username: Optional[str] = typer.Option(None, "--username", "-u", help="Registry user (default: ~/.docker/config.json's auths, else anonymous)."),
-    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
-    with_skopeo: bool = typer.Option(False, "--with-skopeo", help="Copy with `skopeo copy` instead of edgepack's own client."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for each answer of the registry."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Push an image edgepack built to a registry (HTTP API v2): blobs it lacks, then manifests; prints the digest."""
-    from edgepack.package.push import PushOptions, push_image
-
-    if password_stdin and username is None:
-        raise typer.BadParameter("--password-stdin needs --username")
-    password = sys.stdin.read().rstrip("\n") if password_stdin else None
-    options = PushOptions(insecure=insecure, credentials=(username, password or "") if username else None,
-                          with_skopeo=with_skopeo, timeout_s=timeout)
-    pushed = push_image(image, ref, options)
-    if json_out:
-        print(json.dumps(pushed, indent=2))
-    else:
-        print(pushed["digest"])
-        _stderr().print(f"[green]✓ pushed[/] {escape(pushed['ref'])}@{pushed['digest']} "
-                        f"({pushed['uploaded']} blob(s) uploaded, {pushed['skipped']} already there)", soft_wrap=True)
 
 
 @app.command()
@@ -390,6 +361,35 @@ def profiles(json_out: bool = typer.Option(False, "--json", help="Print the prof
         print(json.dumps([{**p.model_dump(mode="json"), "here": p.emulation_summary()} for p in found], indent=2))
     else:
         render_profiles(_stdout(), found)
+
+
+@app.command()
+@error_boundary
+def push(
+    image: Path = typer.Argument(..., help="An OCI layout folder (NAME-VERSION.oci) or a docker-archive tar (NAME-VERSION.image.tar)."),
+    ref: str = typer.Argument(..., help="Where to: REGISTRY/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/models/digits:v1 (default tag: the image's)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain http (the default only for localhost and 127.0.0.1)."),
+    username: Optional[str] = typer.Option(None, "--username", "-u", help="Registry user (default: ~/.docker/config.json's auths, else anonymous)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+    with_skopeo: bool = typer.Option(False, "--with-skopeo", help="Copy with `skopeo copy` instead of edgepack's own client."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for each answer of the registry."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Push an image edgepack built to a registry (HTTP API v2): blobs it lacks, then manifests; prints the digest."""
+    from edgepack.package.push import PushOptions, push_image
+
+    if password_stdin and username is None:
+        raise typer.BadParameter("--password-stdin needs --username")
+    password = sys.stdin.read().rstrip("\n") if password_stdin else None
+    options = PushOptions(insecure=insecure, credentials=(username, password or "") if username else None,
+                          with_skopeo=with_skopeo, timeout_s=timeout)
+    pushed = push_image(image, ref, options)
+    if json_out:
+        print(json.dumps(pushed, indent=2))
+    else:
+        print(pushed["digest"])
+        _stderr().print(f"[green]✓ pushed[/] {escape(pushed['ref'])}@{pushed['digest']} "
+                        f"({pushed['uploaded']} blob(s) uploaded, {pushed['skipped']} already there)", soft_wrap=True)
 
 
 def main() -> None:
