@@ -266,6 +266,10 @@ def _platform_wheels(spec: BuildSpec, profile: Profile, reporter: Reporter, debu
 def _prepare_image(spec: BuildSpec, profile: Profile, reporter: Reporter, debug: bool) -> ImageBuild | None:
     """The image stage's first half for cloud builds: bases read, Python checked, dependency layers made."""
     if not spec.builds_image():
+        if spec.base_image or spec.platform or spec.max_image_mb or spec.builder != "native":
+            raise InputError("--base-image, --platform, --max-image-mb and --builder describe a container image, "
+                             f"and this build writes none (target {profile.name}, kind {profile.kind})",
+                             "build for a cloud profile (--target cloud), or add --image")
         return None
     from edgepack.package.base_image import parse_platforms
     from edgepack.package.image import ImageRequest

@@ -48,5 +48,5 @@ def make_base(root: Path, tag: str = "base", architectures: tuple[str, ...] = ("
     else:
         top = store.put_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors},
                              OCI_INDEX).descriptor()
-    write_layout(root, store, [{**top, "annotations": {REF_NAME: tag}}])
+    write_layout(root, [{**top, "annotations": {REF_NAME: tag}}])
     return f"oci:{root}:{tag}"

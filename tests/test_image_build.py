@@ -143,6 +143,7 @@ def test_max_image_mb_fails_before_anything_is_written(bases, tmp_path):
     ("registry", 8, "cannot reach the registry 127.0.0.1:9"),
     ("docker", 8, "--builder docker cannot run here"),
     ("no-image", 3, "--no-image is given"),
+    ("edge", 3, "describe a container image, and this build writes none (target edge-1core, kind edge)"),
 ])
 def test_bad_image_inputs_are_one_line_errors(bases, tmp_path, case, code, message):
     args = {
@@ -154,6 +155,7 @@ def test_bad_image_inputs_are_one_line_errors(bases, tmp_path, case, code, messa
         "registry": ["--base-image", "127.0.0.1:9/library/python:3.11-slim"],
         "docker": ["--base-image", bases["amd64"], "--builder", "docker"],
         "no-image": ["--base-image", bases["amd64"], "--no-image"],
+        "edge": ["--base-image", bases["amd64"], "--target", "edge-1core"],
     }[case]
     if case == "docker" and os.path.exists("/var/run/docker.sock"):
         pytest.skip("a Docker engine is reachable here")

@@ -242,7 +242,7 @@ class ImageBuild:
                                      ("org.opencontainers.image.title", "org.opencontainers.image.version",
                                       "org.opencontainers.image.created")}}
             top = self.store.put_json(index, OCI_INDEX).descriptor()
-        write_layout(self.store.root, self.store, [{**top, "annotations": {REF_NAME: tag}}])
+        write_layout(self.store.root, [{**top, "annotations": {REF_NAME: tag}}])
 
         archive_image = next((i for i in self.images if i.platform.arch == host_arch()), self.images[0])
         chosen = reports[str(archive_image.platform)]

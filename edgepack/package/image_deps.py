@@ -82,7 +82,7 @@ def _make_layer(wheels: WheelSet, target: Path, show_pip: bool) -> Blob:
         links, installed = Path(temp) / "wheels", Path(temp) / "site"
         links.mkdir()
         # Only the locked files in the folder pip looks in: it then cannot pick another build of a version.
-        wheel_folder = cache_root() / "wheels" / f"{wheels.request.python_tag}-{wheels.request.arch}"
+        wheel_folder = wheels.request.cache_folder
         for name, data in wheels.wheels.items():
             try:
                 os.link(wheel_folder / name, links / name)

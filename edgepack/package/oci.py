@@ -280,8 +280,8 @@ class _Counting(io.RawIOBase):
         return len(data)
 
 
-def write_layout(root: Path, store: BlobStore, manifests: list[dict[str, Any]]) -> None:
-    """``oci-layout`` and ``index.json`` beside the blobs; ``manifests`` are index descriptors."""
+def write_layout(root: Path, manifests: list[dict[str, Any]]) -> None:
+    """``oci-layout`` and ``index.json`` beside the blobs under ``root``; ``manifests`` are their descriptors."""
     (root / "oci-layout").write_bytes(canonical_json({"imageLayoutVersion": "1.0.0"}))
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}
     (root / "index.json").write_bytes(canonical_json(index))

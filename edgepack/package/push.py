@@ -69,7 +69,7 @@ def _layout_of_archive(archive: Path, root: Path) -> Path:
     manifest = store.put_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.descriptor(),
                                "layers": list(image.layers)}, OCI_MANIFEST)
     tag = str(image.config.get("config", {}).get("Labels", {}).get("org.opencontainers.image.version") or "latest")
-    write_layout(root, store, [manifest.descriptor(annotations={REF_NAME: tag})])
+    write_layout(root, [manifest.descriptor(annotations={REF_NAME: tag})])
     return root
 
 

@@ -83,6 +83,12 @@ class WheelRequest:
         return (f"manylinux_2_28_{self.arch}", f"manylinux_2_17_{self.arch}", f"manylinux2014_{self.arch}")
 
     @property
+    def cache_folder(self) -> Path:
+        # Image wheels apart from bundle wheels: each folder then holds one lock's wheels (and a
+        # numpy of one lock is never mistaken for another's).
+        return cache_root() / "wheels" / f"{self.python_tag}-{self.arch}{'-serve' if self.serve else ''}"
+
+    @property
     def lock_name(self) -> str:
         return f"onnxruntime-{self.onnxruntime}{'-serve' if self.serve else ''}.lock.json"
 
@@ -133,7 +139,7 @@ def cache_root() -> Path:
 
 def fetch_wheels(request: WheelRequest, reporter: _Reporter | None = None, show_pip: bool = False) -> WheelSet:
     """The pinned wheels for ``request``: from the cache when its lock and wheels are intact, else from pip."""
-    folder = cache_root() / "wheels" / f"{request.python_tag}-{request.arch}"
+    folder = request.cache_folder
     lock = folder / request.lock_name
     if reporter:
         reporter.start("wheels", f"Wheels of onnxruntime {request.onnxruntime}, numpy"
