@@ -155,13 +155,18 @@ def build(
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
     arch: Optional[str] = typer.Option(None, "--arch", help="x86_64 | aarch64: also bundle onnxruntime and numpy wheels for this architecture (the target profile's), so the device needs only python3."),
-    python_version: Optional[str] = typer.Option(None, "--python-version", help="The device's Python for the --arch wheels, e.g. 3.11 (default: the profile's python, else 3.11)."),
+    python_version: Optional[str] = typer.Option(None, "--python-version", help="The device's Python for the --arch wheels, e.g. 3.11 (default: the profile's python, else 3.11); for cloud images, the base's Python the deps are installed for (default: found in the base)."),
+    image: Optional[bool] = typer.Option(None, "--image/--no-image", help="Write a container image besides the bundle (default: for cloud profiles)."),
+    base_image: List[str] = typer.Option([], "--base-image", help="Base of the cloud image: oci:PATH[:TAG], docker-archive:PATH or REGISTRY/REPO:TAG (default: the profile's [image] base); repeat for one base per platform."),
+    platform: Optional[str] = typer.Option(None, "--platform", help="Image platforms, e.g. linux/amd64,linux/arm64 (several: an image index; default: the profile's [image] platforms)."),
+    max_image_mb: Optional[float] = typer.Option(None, "--max-image-mb", help="Fail (exit 6) before writing anything when the image (compressed, per platform) is larger than this."),
+    builder: str = typer.Option("native", "--builder", help="native (edgepack writes the image, no engine needed) | docker | podman (also build the written Dockerfile in that engine)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write an HTML page (self-contained, offline) with every timed variant's latency distribution."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as one JSON object on stdout."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
-    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle."""
+    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle (and, for cloud profiles, an OCI image)."""
     from edgepack.pipeline import build as run_build
     from edgepack.render import ProgressReporter, render_build
     from edgepack.spec import BuildSpec
@@ -356,6 +361,35 @@ def profiles(json_out: bool = typer.Option(False, "--json", help="Print the prof
         print(json.dumps([{**p.model_dump(mode="json"), "here": p.emulation_summary()} for p in found], indent=2))
     else:
         render_profiles(_stdout(), found)
+
+
+@app.command()
+@error_boundary
+def push(
+    image: Path = typer.Argument(..., help="An OCI layout folder (NAME-VERSION.oci) or a docker-archive tar (NAME-VERSION.image.tar)."),
+    ref: str = typer.Argument(..., help="Where to: REGISTRY/REPOSITORY[:TAG], e.g. 127.0.0.1:5000/models/digits:v1 (default tag: the image's)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain http (the default only for localhost and 127.0.0.1)."),
+    username: Optional[str] = typer.Option(None, "--username", "-u", help="Registry user (default: ~/.docker/config.json's auths, else anonymous)."),
+    password_stdin: bool = typer.Option(False, "--password-stdin", help="Read the password from standard input."),
+    with_skopeo: bool = typer.Option(False, "--with-skopeo", help="Copy with `skopeo copy` instead of edgepack's own client."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds to wait for each answer of the registry."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Push an image edgepack built to a registry (HTTP API v2): blobs it lacks, then manifests; prints the digest."""
+    from edgepack.package.push import PushOptions, push_image
+
+    if password_stdin and username is None:
+        raise typer.BadParameter("--password-stdin needs --username")
+    password = sys.stdin.read().rstrip("\n") if password_stdin else None
+    options = PushOptions(insecure=insecure, credentials=(username, password or "") if username else None,
+                          with_skopeo=with_skopeo, timeout_s=timeout)
+    pushed = push_image(image, ref, options)
+    if json_out:
+        print(json.dumps(pushed, indent=2))
+    else:
+        print(pushed["digest"])
+        _stderr().print(f"[green]✓ pushed[/] {escape(pushed['ref'])}@{pushed['digest']} "
+                        f"({pushed['uploaded']} blob(s) uploaded, {pushed['skipped']} already there)", soft_wrap=True)
 
 
 def main() -> None:

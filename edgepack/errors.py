@@ -13,9 +13,11 @@ __all__ = [
     "DeviceError",
     "EdgepackError",
     "ExitCode",
+    "ImageError",
     "InputError",
     "IntegrityError",
     "ParityError",
+    "RegistryError",
     "UnsupportedHere",
 ]
 
@@ -42,3 +44,14 @@ class DeviceError(EdgepackError):
     """Work on a real device failed: unreachable, refused the key, no usable Python, or its run failed."""
 
     exit_code = ExitCode.DEVICE
+
+
+class ImageError(InputError):
+    """A container image cannot be made from what was given: no such base, a base without the
+    platform or the Python asked for, a bad platform name."""
+
+
+class RegistryError(EdgepackError):
+    """A container registry cannot be reached, refuses the credentials, or rejects a pull or push."""
+
+    exit_code = ExitCode.UNSUPPORTED_HERE

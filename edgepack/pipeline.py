@@ -25,6 +25,7 @@ from edgepack.convert.registry import converter_for
 from edgepack.errors import ConversionError, InputError, ParityError
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord, WheelsRecord
 from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
+from edgepack.package.image import ImageBuild, ImageResult, bundle_files
 from edgepack.package.npz import npz_bytes
 from edgepack.package.wheels import WheelSet, fetch_wheels, request_for
 from edgepack.quantize import (CALIBRATION_ROWS, QuantizeConfig, Variant, canonicalize, needs_reduce_range,
@@ -69,6 +70,7 @@ class BuildResult:
     metric_basis: str = ""
     not_measured: dict[str, str] = field(default_factory=dict)  # profile -> why
     next_steps: list[str] = field(default_factory=list)
+    image: ImageResult | None = None  # cloud profiles: the container image made from the bundle
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,6 +88,7 @@ class BuildResult:
             "bench": {self.profile.name: self.bench} if self.bench else {},
             "not_measured": self.not_measured,
             "next_steps": self.next_steps,
+            **({"image": self.image.to_json()} if self.image else {}),
         }
 
 
@@ -94,6 +97,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
     reporter = reporter or SilentReporter()
     profile, sample, validation = _read_inputs(spec)
     wheels = _platform_wheels(spec, profile, reporter, debug)  # first: a fetch failure should not wait for the rest
+    image = _prepare_image(spec, profile, reporter, debug)  # likewise a missing base, platform or Python
 
     reporter.start("load", f"Loading {spec.model.name}")
     converter = converter_for(spec.model)
@@ -154,9 +158,21 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
                              config, files, wheels)
         root, archive = assemble(files, manifest)
         check_size(len(archive), budgets)
-        bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
-        report_path = write_atomic(spec.out / f"{root}.bench.json",
-                                   _bench_report(manifest, profile, selection, not_measured))
+        if image is not None:  # staged, and its size budget checked, before the bundle is written
+            reporter.start("image", f"Writing the image of {root}")
+            image.assemble(bundle_files(archive), manifest.name, manifest.version,
+                           f"edgepack model server: {manifest.name} ({manifest.variant}) for {profile.name}")
+        try:
+            bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
+            report_path = write_atomic(spec.out / f"{root}.bench.json",
+                                       _bench_report(manifest, profile, selection, not_measured))
+            image_result = image.publish() if image is not None else None
+        finally:
+            if image is not None:
+                image.discard()
+        if image_result is not None:
+            reporter.finish("image", f"{image_result.layout.name} ({image_result.digest[:19]}…), "
+                                     f"{image_result.archive.name}")
         reporter.finish("package", f"{bundle} ({len(archive) / 1024:.0f} KiB)")
 
     reporter.start("verify", "Verifying the bundle")
@@ -169,8 +185,10 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
         next_steps=[
             f"edgepack verify {bundle}",
             f"edgepack bench {bundle} --profile {profile.name}",
-            f"tar xzf {bundle} && cd {root} && python -m runtime.bench   # on the device",
+            *(image_result.next_steps if image_result else
+              [f"tar xzf {bundle} && cd {root} && python -m runtime.bench   # on the device"]),
         ],
+        image=image_result,
     )
 
 
@@ -243,6 +261,32 @@ def _platform_wheels(spec: BuildSpec, profile: Profile, reporter: Reporter, debu
     if spec.arch is None:
         return None
     return fetch_wheels(request_for(profile, spec.arch, spec.python_version), reporter, show_pip=debug)
+
+
+def _prepare_image(spec: BuildSpec, profile: Profile, reporter: Reporter, debug: bool) -> ImageBuild | None:
+    """The image stage's first half for cloud builds: bases read, Python checked, dependency layers made."""
+    if not spec.builds_image():
+        if spec.base_image or spec.platform or spec.max_image_mb or spec.builder != "native":
+            raise InputError("--base-image, --platform, --max-image-mb and --builder describe a container image, "
+                             f"and this build writes none (target {profile.name}, kind {profile.kind})",
+                             "build for a cloud profile (--target cloud), or add --image")
+        return None
+    from edgepack.package.base_image import parse_platforms
+    from edgepack.package.image import ImageRequest
+
+    settings = profile.image
+    where = str(profile.source) if profile.source else f"profile {profile.name}"
+    bases = spec.base_image or ((settings.base,) if settings and settings.base else ())
+    if not bases:
+        raise InputError(f"{where} names no base image ([image] base) and --base-image is not given",
+                         "pass --base-image oci:PATH[:TAG], docker-archive:PATH or REGISTRY/REPO:TAG")
+    platforms = parse_platforms(spec.platform or ",".join(settings.platforms if settings else ("linux/amd64",)))
+    request = ImageRequest(bases=bases, platforms=platforms, onnxruntime=profile.onnxruntime.version,
+                           python=spec.python_version, default_python=settings.python if settings else None,
+                           builder=spec.builder, max_image_mb=spec.max_image_mb, where=where)
+    image = ImageBuild(request, spec.out, reporter, debug)
+    image.prepare()
+    return image
 
 
 def _check_inputs(source: SourceModel, sample: SampleData, validation: ValidationData | None) -> None:

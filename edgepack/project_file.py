@@ -57,12 +57,17 @@ class BuildSection(_Section):
     bench_time: float | None = Field(None, gt=0)
     arch: str | None = None
     python_version: str | None = None
+    image: bool | None = None
+    base_image: list[str] | None = None
+    platform: str | None = None
+    builder: str | None = None
 
 
 class BudgetsSection(_Section):
     max_p99_ms: float | None = Field(None, gt=0)
     max_size_mb: float | None = Field(None, gt=0)
     max_memory_mb: float | None = Field(None, gt=0)
+    max_image_mb: float | None = Field(None, gt=0)
 
 
 class BenchSection(_Section):
@@ -85,6 +90,7 @@ class ProjectFile(_Section):
         values = {**section.model_dump(exclude_none=True), **self.budgets.model_dump(exclude_none=True)}
         if command == "bench":
             values.pop("max_size_mb", None)  # a bundle's size is judged when it is built
+            values.pop("max_image_mb", None)
         base = self.path.parent if self.path else Path(".")
         return {key: base / value if isinstance(value, Path) and not value.is_absolute() else value
                 for key, value in values.items()}

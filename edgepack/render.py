@@ -84,9 +84,30 @@ def render_build(console: Console, result: Any) -> None:
     console.print(latency)
     console.print(f"Bundle: [bold]{escape(str(result.bundle))}[/] ({result.bundle_bytes / 1024:.0f} KiB, "
                   f"sha256 {result.bundle_sha256[:16]}…); timings in {escape(str(result.report))}", soft_wrap=True)
+    if getattr(result, "image", None) is not None:
+        render_image(console, result.image)
     console.print("Next steps:")
     for step in result.next_steps:
         console.print(f"  {step}", soft_wrap=True, markup=False)
+
+
+def render_image(console: Console, image: Any) -> None:
+    """Per platform: each layer's size compressed and unpacked, the base's apart from what edgepack added."""
+    for platform, report in image.platforms.items():
+        table = Table(title=f"Image {escape(image.ref)} for {platform} (Python {report['python']})",
+                      title_justify="left")
+        for column in ("layer", "digest", "compressed MB", "unpacked MB"):
+            table.add_column(column, justify="right" if column.endswith("MB") else "left")
+        for layer in report["layers"]:
+            table.add_row(layer["role"], layer["digest"][7:19], f"{layer['size_bytes'] / 2**20:.2f}",
+                          f"{layer['uncompressed_bytes'] / 2**20:.2f}", style="dim" if layer["role"] == "base" else "")
+        table.add_row("total", "", f"{report['size_bytes'] / 2**20:.2f}", f"{report['uncompressed_bytes'] / 2**20:.2f}",
+                      style="bold")
+        console.print(table)
+    console.print(f"Image: [bold]{escape(str(image.layout))}[/] ({image.digest[:19]}…), "
+                  f"{escape(str(image.archive))} ({image.archive_platform}), {escape(str(image.dockerfile))}, "
+                  f"SBOM {escape(str(image.sbom))}" + (f"; {image.builder}: {image.engine_image}"
+                                                        if image.engine_image else ""), soft_wrap=True)
 
 
 def render_variants(console: Console, rows: list[Any], profile: str, metric_basis: str) -> None:

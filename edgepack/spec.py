@@ -44,6 +44,12 @@ class BuildSpec:
     max_memory_mb: float | None = None
     arch: str | None = None  # bundle onnxruntime and numpy wheels for this architecture
     python_version: str | None = None  # the device's Python for those wheels (default: the profile's)
+    # Cloud images (profiles of kind "cloud"; image=False builds only the bundle, True insists on one).
+    image: bool | None = None
+    base_image: tuple[str, ...] = ()  # oci:PATH[:TAG], docker-archive:PATH or REGISTRY/REPO:TAG (one per platform)
+    platform: str | None = None  # "linux/amd64,linux/arm64" (default: the profile's [image] platforms)
+    max_image_mb: float | None = None
+    builder: str = "native"
 
     def __post_init__(self) -> None:
         if self.sample is None and self.input_shape is None:
@@ -67,11 +73,16 @@ class BuildSpec:
         if self.arch is not None and self.arch not in ARCHES:
             raise InputError(f"--arch {self.arch!r} is not an architecture", f"choose one of {', '.join(ARCHES)}")
         if self.python_version is not None:
-            if self.arch is None:
+            if self.arch is None and not self.builds_image():
                 raise InputError("--python-version chooses the wheels of an --arch bundle, and --arch is not given",
                                  "add --arch, or drop --python-version")
             if not PYTHON_VERSION.match(self.python_version):
                 raise InputError(f"--python-version {self.python_version!r} is not MAJOR.MINOR", "e.g. 3.11")
+        if self.max_image_mb is not None and self.max_image_mb <= 0:
+            raise InputError(f"--max-image-mb must be positive, got {self.max_image_mb}", "e.g. 400")
+        if (self.base_image or self.platform or self.max_image_mb) and self.image is False:
+            raise InputError("--base-image, --platform and --max-image-mb describe an image, and --no-image is given",
+                             "drop --no-image, or those options")
         if self.name is not None and not _NAME.match(self.name):
             raise InputError(f"--name {self.name!r} is not a valid bundle name",
                              "use lowercase letters, digits, '.', '_' or '-' (at most 64)")
@@ -84,9 +95,21 @@ class BuildSpec:
         if options.get("model") is None:
             raise InputError("no model given", "pass MODEL, or set model under [build] in edgepack.toml")
         values["trust"] = tuple(options.get("trust") or ())
+        values["base_image"] = tuple(options.get("base_image") or ())
         if "bench_time" in options:
             values["bench_time_s"] = options["bench_time"]
         return cls(**values)
+
+    def builds_image(self) -> bool:
+        """Whether this build writes a container image: asked for, or the target is a cloud profile."""
+        if self.image is not None:
+            return self.image
+        from edgepack.bench.profiles import resolve_profile
+
+        try:
+            return resolve_profile(self.target).kind == "cloud"
+        except InputError:
+            return False  # an unknown target is reported when the build reads it
 
     @property
     def budgets(self) -> Budgets:

@@ -166,7 +166,7 @@ def test_example_cnn_builds_from_module_and_weights(tmp_path):
 
 def test_torchscript_file_builds_like_the_module(tmp_path):
     result = build(BuildSpec(model=CNN_SCRIPTED, sample=IMAGES, quantize="none", bench_time_s=0.2,
-                             out=tmp_path / "dist", target="cloud"))
+                             out=tmp_path / "dist", target="cloud", image=False))
     assert result.parity.passed
     source = result.manifest.source
     assert source.format == "torchscript" and source.converter == TORCHSCRIPT and source.estimator == "DigitsCNN"

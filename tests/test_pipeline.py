@@ -55,7 +55,7 @@ def test_chosen_model_matches_original_on_new_rows(spec_for, data_dir, tmp_path)
 
 def test_opset_follows_target_onnxruntime(spec_for):
     edge = build(spec_for("classifier.skops", quantize="none", target="edge-1core"))
-    cloud = build(spec_for("classifier.skops", quantize="none", target="cloud"))
+    cloud = build(spec_for("classifier.skops", quantize="none", target="cloud", image=False))
     assert edge.manifest.target.opset == 20 and edge.manifest.target.onnxruntime == "1.17"
     assert cloud.manifest.target.opset == 21
     for result in (edge, cloud):

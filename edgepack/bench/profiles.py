@@ -35,6 +35,14 @@ class Budgets(_Strict):
     max_memory_mb: float | None = Field(None, gt=0)
 
 
+class ImageSettings(_Strict):
+    """``[image]`` of a cloud profile: what its container image is built on."""
+
+    base: str | None = Field(None, min_length=1, description="oci:PATH[:TAG], docker-archive:PATH or REGISTRY/REPO:TAG")
+    python: str | None = Field(None, pattern=r"^3\.[0-9]{1,2}$", description="the base's Python, when it does not say")
+    platforms: tuple[Literal["linux/amd64", "linux/arm64"], ...] = Field(("linux/amd64",), min_length=1)
+
+
 class Profile(_Strict):
     name: str
     description: str
@@ -49,6 +57,7 @@ class Profile(_Strict):
                                description="the device's Python, MAJOR.MINOR: the wheels `--arch` bundles carry")
     onnxruntime: RuntimeSettings
     budgets: Budgets = Budgets()
+    image: ImageSettings | None = None
     source: Path | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
@@ -56,6 +65,12 @@ class Profile(_Strict):
         if self.cpu_quota is not None and self.cpus and self.cpu_quota > self.cpus:
             raise ValueError(f"cpu_quota {self.cpu_quota:g} is more than the {self.cpus} core(s) of cpus; "
                              "lower cpu_quota or raise cpus")
+        return self
+
+    @model_validator(mode="after")
+    def _image_for_cloud(self) -> Profile:
+        if self.image is not None and self.kind != "cloud":
+            raise ValueError("[image] is for cloud profiles (kind = \"cloud\"); edge profiles ship bundles")
         return self
 
     def quota_cores(self) -> float | None:

@@ -1,1 +1,1 @@
-"""Writers for what a build delivers: edge bundles (and, later, OCI images)."""
+"""Writers for what a build delivers: edge bundles and cloud (OCI) images, and the registry client."""

@@ -6,6 +6,10 @@ beside them, so every later build with the same inputs takes the same wheels, of
 byte-identical bundle. Only numpy and onnxruntime are fetched: ``import onnxruntime`` and
 ``InferenceSession.run`` need nothing else (coloredlogs, flatbuffers, packaging, protobuf and sympy,
 which onnxruntime's metadata asks for, serve only its tools and the training packages).
+
+A request with ``serve=True`` (cloud images) adds the HTTP stack of ``runtime/requirements.py``
+resolved with its dependencies (uvicorn brings click and h11), still numpy and onnxruntime without
+theirs, pinned in a lock of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from edgepack.errors import EdgepackError, ExitCode, InputError, IntegrityError
 from edgepack.package.bundle import write_atomic
+from edgepack.runtime.requirements import SERVE
 
 if TYPE_CHECKING:
     from edgepack.bench.profiles import Profile
@@ -65,6 +70,7 @@ class WheelRequest:
     python: str  # "3.11"
     onnxruntime: str  # "1.16" (newest patch of 1.16) or "1.16.3" (exactly)
     where: str = "the profile"  # where onnxruntime and python come from, for messages
+    serve: bool = False  # also the HTTP server's packages, with their dependencies (cloud images)
 
     @property
     def python_tag(self) -> str:
@@ -76,10 +82,24 @@ class WheelRequest:
         # tag exactly and does not widen 2_28 down to 2_17, so both are asked for.
         return (f"manylinux_2_28_{self.arch}", f"manylinux_2_17_{self.arch}", f"manylinux2014_{self.arch}")
 
+    @property
+    def cache_folder(self) -> Path:
+        # Image wheels apart from bundle wheels: each folder then holds one lock's wheels (and a
+        # numpy of one lock is never mistaken for another's).
+        return cache_root() / "wheels" / f"{self.python_tag}-{self.arch}{'-serve' if self.serve else ''}"
+
+    @property
+    def lock_name(self) -> str:
+        return f"onnxruntime-{self.onnxruntime}{'-serve' if self.serve else ''}.lock.json"
+
     def requirements(self) -> tuple[str, str]:
         version = tuple(int(part) for part in self.onnxruntime.split("."))
         ort = f"onnxruntime=={self.onnxruntime}" + (".*" if len(version) == 2 else "")
         return ort, "numpy<2" if version[:2] < _FIRST_ORT_FOR_NUMPY2 else "numpy<3"
+
+    def groups(self) -> list[tuple[list[str], bool]]:
+        """pip runs: (requirements, with their dependencies?)."""
+        return [(list(self.requirements()), False)] + ([(list(SERVE), True)] if self.serve else [])
 
 
 @dataclass(frozen=True)
@@ -119,10 +139,11 @@ def cache_root() -> Path:
 
 def fetch_wheels(request: WheelRequest, reporter: _Reporter | None = None, show_pip: bool = False) -> WheelSet:
     """The pinned wheels for ``request``: from the cache when its lock and wheels are intact, else from pip."""
-    folder = cache_root() / "wheels" / f"{request.python_tag}-{request.arch}"
-    lock = folder / f"onnxruntime-{request.onnxruntime}.lock.json"
+    folder = request.cache_folder
+    lock = folder / request.lock_name
     if reporter:
-        reporter.start("wheels", f"Wheels of onnxruntime {request.onnxruntime} and numpy for CPython "
+        reporter.start("wheels", f"Wheels of onnxruntime {request.onnxruntime}, numpy"
+                                 f"{' and the HTTP server' if request.serve else ''} for CPython "
                                  f"{request.python} on {request.arch}")
     pinned = _read_lock(lock, request)
     if pinned is not None:
@@ -133,11 +154,12 @@ def fetch_wheels(request: WheelRequest, reporter: _Reporter | None = None, show_
                 reporter.finish("wheels", f"{result.describe()} (cached in {folder})")
             return result
         # A wheel went missing or bad in the cache: fetch exactly the pinned versions again.
-        requirements = [f"{package}=={version}" for package, version in
-                        (parse_wheel_name(name)[:2] for name in sorted(pinned))]
+        groups = [([f"{package}=={version}" for package, version in
+                    (parse_wheel_name(name)[:2] for name in sorted(pinned))], False)]
     else:
-        requirements = list(request.requirements())
-    fetched = _download(request, requirements, folder, show_pip)
+        groups = request.groups()
+    requirements = [requirement for group, _ in groups for requirement in group]
+    fetched = _download(request, groups, folder, show_pip)
     if pinned is not None and {name: hashlib.sha256(data).hexdigest() for name, data in fetched.items()} != pinned:
         raise IntegrityError(f"the wheels pip fetched again differ from those pinned in {lock}",
                              f"if the index changed on purpose, delete {lock} and build again")
@@ -165,7 +187,8 @@ def _read_lock(lock: Path, request: WheelRequest) -> dict[str, str] | None:
     try:
         body = json.loads(lock.read_text(encoding="utf-8"))
         wheels = body["wheels"]
-        if body["python"] != request.python or sorted(parse_wheel_name(n)[0] for n in wheels) != list(PACKAGES):
+        packages = sorted(parse_wheel_name(n)[0] for n in wheels)
+        if body["python"] != request.python or not _expected_packages(packages, request):
             return None
         return {str(name): str(digest) for name, digest in wheels.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError, IntegrityError):
@@ -190,39 +213,56 @@ def _is_zip(data: bytes) -> bool:
         return False
 
 
-def _download(request: WheelRequest, requirements: list[str], folder: Path, show_pip: bool) -> dict[str, bytes]:
+def _download(request: WheelRequest, groups: list[tuple[list[str], bool]], folder: Path,
+              show_pip: bool) -> dict[str, bytes]:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as temp:
-        command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
-                   "--progress-bar", "off", "--timeout", "60", "--retries", "2", "--no-deps",
-                   "--only-binary=:all:", *[f"--platform={tag}" for tag in request.platforms],
-                   "--python-version", request.python, "--implementation", "cp", "--dest", temp, *requirements]
-        try:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, timeout=_PIP_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            raise WheelFetchError(f"pip download of {', '.join(requirements)} did not finish in {_PIP_TIMEOUT_S} s",
-                                  "check the network, or use a cache from a machine with network or drop --arch") from None
-        if show_pip:
-            sys.stderr.write(done.stdout)
-        if done.returncode != 0:
-            raise _pip_error(done.stdout, request, requirements)
+        for requirements, with_deps in groups:
+            command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
+                       "--progress-bar", "off", "--timeout", "60", "--retries", "2",
+                       *([] if with_deps else ["--no-deps"]), "--only-binary=:all:",
+                       *[f"--platform={tag}" for tag in request.platforms],
+                       "--python-version", request.python, "--implementation", "cp", "--dest", temp, *requirements]
+            try:
+                done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, timeout=_PIP_TIMEOUT_S, check=False)
+            except subprocess.TimeoutExpired:
+                raise WheelFetchError(f"pip download of {', '.join(requirements)} did not finish in {_PIP_TIMEOUT_S} s",
+                                      "check the network, or use a cache from a machine with network or drop --arch"
+                                      ) from None
+            if show_pip:
+                sys.stderr.write(done.stdout)
+            if done.returncode != 0:
+                raise _pip_error(done.stdout, request, requirements)
         fetched = {path.name: path.read_bytes() for path in sorted(Path(temp).glob("*.whl"))}
     _check_fetched(fetched, request)
     return fetched
 
 
+def _expected_packages(packages: list[str], request: WheelRequest) -> bool:
+    """A bundle's wheels are exactly numpy and onnxruntime; an image's add the server's, one wheel each."""
+    if not request.serve:
+        return packages == list(PACKAGES)
+    return len(set(packages)) == len(packages) and set(PACKAGES) <= set(packages)
+
+
 def _check_fetched(fetched: dict[str, bytes], request: WheelRequest) -> None:
     packages = sorted(parse_wheel_name(name)[0] for name in fetched)
-    if packages != list(PACKAGES):
+    if not _expected_packages(packages, request):
         raise WheelFetchError(f"pip download gave {', '.join(sorted(fetched)) or 'nothing'}, not one wheel each of "
-                              f"{' and '.join(PACKAGES)}", "rerun with --debug to see pip's output")
+                              f"{' and '.join(PACKAGES)}{' and the server' if request.serve else ''}",
+                              "rerun with --debug to see pip's output")
     for name, data in fetched.items():
         _, _, python_tag, platforms = parse_wheel_name(name)
-        if not all(tag.endswith(f"_{request.arch}") for tag in platforms.split(".")) or not _is_zip(data):
+        # Pure-Python wheels of the server stack (uvicorn, click, h11) are "any".
+        if not all(tag.endswith(f"_{request.arch}") or tag == "any" for tag in platforms.split(".")) \
+                or not _is_zip(data):
             raise WheelFetchError(f"pip download gave {name}, not a valid {request.arch} wheel",
                                   "rerun with --debug to see pip's output")
-        if python_tag.split(".")[0] not in (request.python_tag, "py3", "cp3"):
+        abi = name.removesuffix(".whl").split("-")[-2]
+        tags = python_tag.split(".")
+        if not any(tag in (request.python_tag, "py3", "cp3") or (abi == "abi3" and tag.startswith("cp3"))
+                   for tag in tags):
             raise WheelFetchError(f"pip download gave {name}, not a wheel for CPython {request.python}",
                                   "rerun with --debug to see pip's output")
 
