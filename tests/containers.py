@@ -32,12 +32,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.client import HTTPException
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 import pytest
 
@@ -219,7 +219,8 @@ def podman_env() -> dict[str, str]:
 def _tool_run(command: list[str], env: Mapping[str, str], timeout_s: float, check: bool,
               **kwargs) -> subprocess.CompletedProcess:
     try:
-        done = subprocess.run(command, env=dict(env), capture_output=True, text=True, timeout=timeout_s, **kwargs)
+        done = subprocess.run(command, check=False, env=dict(env), capture_output=True, text=True, timeout=timeout_s,
+                              **kwargs)
     except subprocess.TimeoutExpired as err:
         raise ContainerError(f"{' '.join(command[:4])} ... did not finish within {timeout_s:.0f} s") from err
     if check and done.returncode != 0:
@@ -321,7 +322,7 @@ def _build_base(setup: PodmanSetup, final: Path) -> str | None:
     try:
         try:
             done = subprocess.run([debootstrap, "--variant=minbase", "--include=python3", "bookworm", str(rootfs),
-                                   DEBIAN_MIRROR], capture_output=True, text=True, timeout=480)
+                                   DEBIAN_MIRROR], check=False, capture_output=True, text=True, timeout=480)
         except subprocess.TimeoutExpired:
             return f"debootstrap of bookworm from {DEBIAN_MIRROR} did not finish within 480 s"
         if done.returncode != 0:
@@ -403,7 +404,7 @@ def _remove_tree(path: Path) -> None:
     """rmtree, after unmounting anything debootstrap left mounted inside (/proc, /sys of a killed run)."""
     mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
     for mount_point in sorted((m for m in mounts if m.startswith(str(path) + "/")), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=60)
+        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True, timeout=60)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -422,8 +423,8 @@ def podman_run_detached(image: str | os.PathLike, *command: str, port: int = 808
                         run_args: Sequence[str] = ()) -> Iterator[str]:
     """Run ``image`` detached with ``port`` published on 127.0.0.1 and yield its base URL once ``ready_path``
     answers (any HTTP status). ``image``: a local image name, an archive file (podman load), an OCI layout folder
-    (a Path, or a str path starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference. The container is always removed, and an image
-    loaded here too; its logs are printed when anything fails."""
+    (a Path, or a str path starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference.
+    The container is always removed, and an image loaded here too; its logs are printed when anything fails."""
     image_ref, forget_image = _local_image(image)
     name = _container_name()
     try:

@@ -125,10 +125,10 @@ def test_oci_layout_folder_runs_and_its_copy_is_untagged(python_base_layout):
 @pytest.mark.slow
 def test_a_container_that_dies_fails_at_once_with_its_logs(python_base_layout, capsys):
     started = time.monotonic()
-    with pytest.raises(ContainerError, match=r"ended \(\w+, exit 3\) before"):
-        with podman_run_detached(BASE_IMAGE, "python3", "-c", "print('boom before serving'); raise SystemExit(3)",
-                                 ready_timeout_s=60):
-            pytest.fail("the container never served")
+    dies = podman_run_detached(BASE_IMAGE, "python3", "-c", "print('boom before serving'); raise SystemExit(3)",
+                               ready_timeout_s=60)
+    with pytest.raises(ContainerError, match=r"ended \(\w+, exit 3\) before"), dies:
+        pytest.fail("the container never served")
     assert time.monotonic() - started < 30
     assert "boom before serving" in capsys.readouterr().out
     assert _our_containers() == []
@@ -152,7 +152,8 @@ def test_podman_timeout_ends_a_detached_container_on_its_own(python_base_layout)
 def test_skopeo_inspects_the_base_layout(python_base_layout):
     layout, tag = python_base_layout
     facts = json.loads(skopeo("inspect", f"oci:{layout}:{tag}").stdout)
-    assert (facts["Os"], facts["Architecture"]) == ("linux", {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine])
+    architecture = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
+    assert (facts["Os"], facts["Architecture"]) == ("linux", architecture)
     assert facts["Digest"] == containers.base_image_record()["manifest_digest"] and len(facts["Layers"]) == 1
 
 
@@ -179,13 +180,14 @@ def test_the_build_lock_keeps_a_second_process_out(tmp_path):
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; import containers\n"
              "try:\n    with containers.locked(Path(sys.argv[2]), timeout_s=1): print('got it')\n"
              "except containers.ContainerError as err: print(err)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    repository = str(Path(__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repository, os.environ.get("PYTHONPATH", "")])}
     with containers.locked(lock):
         held = subprocess.run([sys.executable, "-c", probe, str(Path(__file__).parent), str(lock)], env=env,
-                              capture_output=True, text=True, timeout=60)
+                              check=False, capture_output=True, text=True, timeout=60)
     assert "stayed locked for 1 s by another test run" in held.stdout, held.stderr
     free = subprocess.run([sys.executable, "-c", probe, str(Path(__file__).parent), str(lock)], env=env,
-                          capture_output=True, text=True, timeout=60)
+                          check=False, capture_output=True, text=True, timeout=60)
     assert free.stdout.strip() == "got it", free.stderr
 
 
@@ -198,13 +200,15 @@ def test_a_missing_tool_is_a_skip_reason_naming_it(monkeypatch):
 def test_an_unreachable_mirror_skips_with_debootstraps_reason(podman_env, tmp_path):
     """In a store of its own (a fresh process, another cache): the build fails at once and says why."""
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); import _pytest.outcomes, containers\n"
-             "try:\n    containers.python_base_layout()\nexcept _pytest.outcomes.Skipped as skip:\n    print(skip.msg)\n"
+             "try:\n    containers.python_base_layout()\n"
+             "except _pytest.outcomes.Skipped as skip:\n    print(skip.msg)\n"
              "print(containers.podman_setup().env['CONTAINERS_STORAGE_CONF'])\n")
-    env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache"), "EDGEPACK_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
+    env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache"),
+           "EDGEPACK_DEBIAN_MIRROR": "http://127.0.0.1:9/debian"}
     for name in ("CONTAINERS_CONF", "CONTAINERS_STORAGE_CONF", "CONTAINERS_REGISTRIES_CONF"):
         env.pop(name)
-    done = subprocess.run([sys.executable, "-c", probe, str(Path(__file__).parent)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", probe, str(Path(__file__).parent)], env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
     reason, storage_conf = done.stdout.splitlines()[-2:]
     assert reason.startswith("debootstrap of bookworm from http://127.0.0.1:9/debian failed (exit 1): "), done
     assert "127.0.0.1:9" in reason.split(": ", 1)[1]  # debootstrap's own last line names what it could not get
