@@ -16,6 +16,9 @@ from edgepack.spec import BuildSpec
 
 FEATURES = 6
 
+# podman_env, python_base_layout and local_registry: the container test environment (tests/containers.py).
+pytest_plugins = ["containers"]
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -1,0 +1,603 @@
+"""The container test environment: rootful podman with a private store, a Python base image made here with
+debootstrap, containers run detached behind a published port, and a local registry.
+
+Cloud images must be run with tools nobody here wrote, and this machine reaches no container registry, so
+everything an image test needs is made on it and kept in ``${EDGEPACK_CACHE:-~/.cache/edgepack}/test-containers/``:
+
+    containers.<hash>.conf, storage.<hash>.conf, registries.conf   what the tools read (CONTAINERS_* variables)
+    storage-<driver>/                  podman's image and container store, kept across runs
+    base-python-3.11/oci/              the base image as an OCI layout (``oci:DIR:3.11``), build.json beside it
+    .lock                              held while the base image is built or restored, so two runs never race
+
+and its runtime state (runroot, tmp_dir, events log) in ``/run/edgepack-ctr/<hash of the store's path>/``.
+
+Use the fixtures (registered in conftest.py) or call the helpers: ``python_base_layout()``, ``podman_env()``,
+``podman_run(image, *command)``, ``podman_run_detached(image_or_archive, *command, port=8080)``,
+``run_local_registry(folder)``. What is missing here (root, a tool) skips with the reason; what is broken fails.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.client import HTTPException
+from pathlib import Path
+
+import pytest
+
+from edgepack.package.wheels import cache_root
+
+BASE_REPOSITORY = "localhost/edgepack-test-python"
+BASE_TAG = "3.11"  # bookworm's python3
+BASE_IMAGE = f"{BASE_REPOSITORY}:{BASE_TAG}"
+DEBIAN_MIRROR = os.environ.get("EDGEPACK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+OWNER_LABEL = "edgepack.test.pid"  # on every container started here: the pytest process that owns it
+INSTALL_HINT = ".ci/run installs it"
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # runc and debootstrap live here, not always on PATH
+
+
+class ContainerError(RuntimeError):
+    """A container tool failed or a container did not come up: a real failure, never a skip."""
+
+
+@dataclass(frozen=True)
+class PodmanSetup:
+    root: Path  # the test-containers folder
+    driver: str  # overlay or vfs
+    env: Mapping[str, str]  # only the CONTAINERS_* variables; podman_env() adds the rest of os.environ
+
+
+# --- podman with a private configuration -------------------------------------------------------------
+
+def tool(name: str) -> str | None:
+    return shutil.which(name) or next((f"{d}/{name}" for d in _SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+
+
+_setup: PodmanSetup | None = None
+_setup_skip: str | None = None
+
+
+def podman_setup() -> PodmanSetup:
+    """Configured once per process; skips (every time, without trying again) when podman cannot be used here."""
+    global _setup, _setup_skip
+    if _setup is None and _setup_skip is None:
+        _setup_skip = _why_no_podman()
+        if _setup_skip is None:
+            _setup = _configure(cache_root() / "test-containers")
+    if _setup_skip is not None:
+        pytest.skip(_setup_skip)
+    assert _setup is not None
+    return _setup
+
+
+def _why_no_podman() -> str | None:
+    if os.uname().sysname != "Linux":
+        return "containers need Linux"
+    if os.geteuid() != 0:
+        # Rootless podman needs subordinate ids and user namespaces set up by an admin; CI runs as root.
+        return "the container tests run rootful podman and debootstrap: run them as root (CI does)"
+    missing = [name for name in ("podman", "skopeo", "runc", "slirp4netns", "tar") if not tool(name)]
+    if missing:
+        return f"{', '.join(missing)} not installed ({INSTALL_HINT})"
+    return None
+
+
+def _configure(root: Path) -> PodmanSetup:
+    root.mkdir(parents=True, exist_ok=True)
+    driver = _storage_driver(root)
+    graphroot = root / f"storage-{driver}"
+    # Runtime state belongs on a tmpfs, and podman 4.3 needs a runroot of at most 50 characters: it hands it to
+    # the cleanup command conmon runs when a container ends, which refuses a longer one (podman issue 22272), so
+    # the container is never cleaned up and every attached run or wait hangs 20 s on conmon's timeout.
+    run = Path("/run/edgepack-ctr") / hashlib.sha256(str(graphroot).encode()).hexdigest()[:12]
+    with locked(root / ".lock"):
+        _forget_state_of_an_earlier_boot(run)
+        events = run / "events.log"
+        if events.exists() and events.stat().st_size > 16 << 20:  # not rotated by podman 4.3: bounded here
+            events.write_text("")
+    (root / "tmp").mkdir(exist_ok=True)
+    storage = _write_once(root, "storage", "\n".join([
+        "[storage]",
+        f'driver = "{driver}"',
+        f"graphroot = {json.dumps(str(graphroot))}",
+        f"runroot = {json.dumps(str(run / 'storage'))}", ""]))
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nofile = 1048576 if nofile == resource.RLIM_INFINITY else nofile
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nproc = 32768 if nproc == resource.RLIM_INFINITY else min(nproc, 32768)
+    engine = _write_once(root, "containers", "\n".join([
+        "[containers]",
+        # podman asks runc for nofile=1048576 by default, above this host's hard limit, and runc fails with
+        # "error setting rlimit type 7"; nproc is bounded the same way (pid_max is 32768 here).
+        f'default_ulimits = ["nofile={nofile}:{nofile}", "nproc={nproc}:{nproc}"]',
+        # A rootful default is a netavark bridge: iptables rules and a podman0 link on the shared host, and
+        # published ports DNAT to a 10.88.x address. slirp4netns keeps the network in user space and publishes
+        # 127.0.0.1:PORT through rootlessport, which connects to the port inside the container.
+        'netns = "slirp4netns"',
+        'log_driver = "k8s-file"',  # no journald here
+        "[engine]",
+        'runtime = "runc"',  # crun failed on this host's hybrid cgroup (v1 + unified) layout; runc works
+        'cgroup_manager = "cgroupfs"',  # no systemd running: the systemd manager cannot start a container
+        'events_logger = "file"',
+        f"events_logfile_path = {json.dumps(str(run / 'events.log'))}",
+        f"tmp_dir = {json.dumps(str(run / 'libpod'))}",
+        # File locks in tmp_dir, not the host-wide /dev/shm/libpod_lock that any other podman store shares.
+        'lock_type = "file"',
+        f"image_copy_tmp_dir = {json.dumps(str(root / 'tmp'))}",
+        "[network]",
+        f"network_config_dir = {json.dumps(str(root / 'networks'))}", ""]))
+    # Only fully qualified names: a short name would otherwise be looked up on registries this host cannot reach.
+    registries = _write_once(root, "registries", 'unqualified-search-registries = []\nshort-name-mode = "enforcing"\n')
+    setup = PodmanSetup(root, driver, {"CONTAINERS_CONF": str(engine), "CONTAINERS_STORAGE_CONF": str(storage),
+                                       "CONTAINERS_REGISTRIES_CONF": str(registries)})
+    _remove_orphans(setup)
+    return setup
+
+
+def _storage_driver(root: Path) -> str:
+    """overlay (shares the base layers, fast to start) unless the kernel lacks it or root is itself on overlayfs."""
+    chosen = os.environ.get("EDGEPACK_TEST_STORAGE_DRIVER")
+    if chosen in ("overlay", "vfs"):
+        return chosen
+    filesystems = Path("/proc/filesystems").read_text()
+    return "overlay" if "\toverlay\n" in filesystems and _filesystem_of(root) != "overlay" else "vfs"
+
+
+def _filesystem_of(path: Path) -> str:
+    best, kind = "", ""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        mount_point, fs_type = fields[4], fields[fields.index("-") + 1]
+        if (str(path) + "/").startswith(mount_point.rstrip("/") + "/") and len(mount_point) >= len(best):
+            best, kind = mount_point, fs_type
+    return kind
+
+
+def _forget_state_of_an_earlier_boot(run: Path) -> None:
+    """/run is not always a tmpfs (it is not on this machine): a reboot must empty the runtime state all the
+    same, so podman finds no 'alive' file and resets its containers' states, as after any reboot."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    marker = run / "boot_id"
+    if marker.exists() and marker.read_text().strip() != boot_id:
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    marker.write_text(boot_id + "\n")
+
+
+def _write_once(root: Path, kind: str, text: str) -> Path:
+    """Named by content: runs with other limits get their own file, and a file in use never changes."""
+    path = root / f"{kind}.{hashlib.sha256(text.encode()).hexdigest()[:12]}.conf"
+    if not path.exists():
+        temp = path.with_name(f".{path.name}.{os.getpid()}")
+        temp.write_text(text)
+        os.replace(temp, path)
+    return path
+
+
+def _remove_orphans(setup: PodmanSetup) -> None:
+    """Containers whose test process died (a killed run); --timeout has stopped them, they are only left over."""
+    listed = podman("ps", "-a", "--filter", f"label={OWNER_LABEL}", "--format", "json", setup=setup, timeout_s=60)
+    orphans = [entry["Id"] for entry in json.loads(listed.stdout or "[]")
+               if not _alive(int((entry.get("Labels") or {}).get(OWNER_LABEL, "0") or 0))]
+    if orphans:
+        podman("rm", "-f", "-t", "0", "--ignore", *orphans, setup=setup, timeout_s=120, check=False)
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def podman_env() -> dict[str, str]:
+    """The environment for podman, skopeo and buildah commands: this process's, with the private configuration."""
+    return {**os.environ, **podman_setup().env}
+
+
+def _tool_run(command: list[str], env: Mapping[str, str], timeout_s: float, check: bool,
+              **kwargs) -> subprocess.CompletedProcess:
+    try:
+        done = subprocess.run(command, check=False, env=dict(env), capture_output=True, text=True, timeout=timeout_s,
+                              **kwargs)
+    except subprocess.TimeoutExpired as err:
+        raise ContainerError(f"{' '.join(command[:4])} ... did not finish within {timeout_s:.0f} s") from err
+    if check and done.returncode != 0:
+        raise ContainerError(f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done
+
+
+def podman(*args: str, timeout_s: float = 120, check: bool = True, setup: PodmanSetup | None = None,
+           **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(setup or podman_setup()).env}
+    return _tool_run(["podman", *args], env, timeout_s, check, **kwargs)
+
+
+def skopeo(*args: str, timeout_s: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    return _tool_run(["skopeo", *args], podman_env(), timeout_s, check)
+
+
+def _container_name() -> str:
+    return f"edgepack-test-{uuid.uuid4().hex[:12]}"
+
+
+def _bounded(timeout_s: float) -> list[str]:
+    """podman's own --timeout: conmon kills the container then, even when this process is gone."""
+    return ["--pull=never", "--label", f"{OWNER_LABEL}={os.getpid()}", "--timeout", str(max(1, math.ceil(timeout_s)))]
+
+
+def podman_run(image: str, *command: str, timeout_s: float = 60,
+               run_args: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Run a command in a fresh container and return its output; the container is removed."""
+    name = _container_name()
+    try:
+        return podman("run", "--rm", "--name", name, *_bounded(timeout_s), *run_args, image, *command,
+                      timeout_s=timeout_s + 30, check=False)
+    finally:
+        podman("rm", "-f", "-t", "0", "--ignore", name, timeout_s=60, check=False)
+
+
+# --- a Python base image, made here ------------------------------------------------------------------
+
+@contextmanager
+def locked(path: Path, timeout_s: float = 900) -> Iterator[None]:
+    """An exclusive lock between processes; the wait is bounded (a base image build takes minutes at most)."""
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ContainerError(f"{path} stayed locked for {timeout_s:.0f} s by another test run") from None
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+_base: tuple[Path, str] | None = None
+_base_skip: str | None = None
+
+
+def python_base_layout() -> tuple[Path, str]:
+    """(OCI layout folder, tag) of the base image, also in podman's store as BASE_IMAGE; built once, then cached."""
+    global _base, _base_skip
+    if _base is None and _base_skip is None:
+        setup = podman_setup()
+        final = setup.root / f"base-python-{BASE_TAG}"
+        with locked(setup.root / ".lock"):
+            if not (final / "oci" / "index.json").exists():
+                _base_skip = _build_base(setup, final)
+            if _base_skip is None and podman("image", "exists", BASE_IMAGE, timeout_s=60, check=False).returncode:
+                # The store was emptied but the layout is intact: restoring it takes seconds.
+                skopeo("copy", "--quiet", f"oci:{final / 'oci'}:{BASE_TAG}", f"containers-storage:{BASE_IMAGE}")
+        if _base_skip is None:
+            _base = (final / "oci", BASE_TAG)
+    if _base_skip is not None:
+        pytest.skip(_base_skip)
+    assert _base is not None
+    return _base
+
+
+def base_image_record() -> dict:
+    """What the base image build recorded: sizes in bytes, seconds taken, the manifest digest."""
+    layout, _ = python_base_layout()
+    return json.loads((layout.parent / "build.json").read_text())
+
+
+def _build_base(setup: PodmanSetup, final: Path) -> str | None:
+    """Build into a temporary folder and rename it into place; return why not when it cannot be built here."""
+    debootstrap = tool("debootstrap")
+    if not debootstrap:
+        return f"debootstrap not installed ({INSTALL_HINT})"
+    for stale in setup.root.glob(f".{final.name}.*"):  # a build killed midway; builds hold the lock we hold
+        _remove_tree(stale)
+    started = time.monotonic()
+    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=setup.root))
+    rootfs = temp / "rootfs"
+    try:
+        try:
+            done = subprocess.run([debootstrap, "--variant=minbase", "--include=python3", "bookworm", str(rootfs),
+                                   DEBIAN_MIRROR], check=False, capture_output=True, text=True, timeout=480)
+        except subprocess.TimeoutExpired:
+            return f"debootstrap of bookworm from {DEBIAN_MIRROR} did not finish within 480 s"
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
+            return f"debootstrap of bookworm from {DEBIAN_MIRROR} failed (exit {done.returncode}): {last}"
+        debootstrap_s = time.monotonic() - started
+        _trim(rootfs)
+        rootfs_bytes = _tree_bytes(rootfs)
+        _import(rootfs, setup)
+        _remove_tree(rootfs)
+        version = podman_run(BASE_IMAGE, "python3", "-c", "import sys; print(sys.version.split()[0])")
+        if not version.stdout.startswith(BASE_TAG + "."):
+            raise ContainerError(f"{BASE_IMAGE} should run Python {BASE_TAG}: {version.stdout}{version.stderr}")
+        skopeo("copy", "--quiet", f"containers-storage:{BASE_IMAGE}", f"oci:{temp / 'oci'}:{BASE_TAG}")
+        index = json.loads((temp / "oci" / "index.json").read_text())
+        size = podman("image", "inspect", "--format", "{{.Size}}", BASE_IMAGE, timeout_s=60).stdout.strip()
+        record = {"image": BASE_IMAGE, "layout": "oci", "tag": BASE_TAG, "python": version.stdout.strip(),
+                  "suite": "bookworm", "mirror": DEBIAN_MIRROR, "built": datetime.now(timezone.utc).isoformat(),
+                  "debootstrap_seconds": round(debootstrap_s, 1), "build_seconds": round(time.monotonic() - started, 1),
+                  "rootfs_bytes": rootfs_bytes, "image_bytes": int(size),
+                  "layout_bytes": _tree_bytes(temp / "oci" / "blobs"),
+                  "manifest_digest": index["manifests"][0]["digest"], "storage_driver": setup.driver}
+        (temp / "build.json").write_text(json.dumps(record, indent=2) + "\n")
+        temp.chmod(0o755)  # mkdtemp made it private
+        os.rename(temp, final)
+    finally:
+        if temp.exists():
+            _remove_tree(temp)
+    return None
+
+
+# Trimmed: package indexes and caches (apt can fetch them again), documentation but its copyright files, and the
+# device nodes debootstrap made (every engine mounts its own /dev, and rootless extraction refuses them).
+_TRIMMED = ("var/lib/apt/lists", "var/cache/apt", "usr/share/man", "usr/share/info", "usr/share/locale", "var/log",
+            "dev", "run", "tmp")
+
+
+def _trim(rootfs: Path) -> None:
+    for folder in filter(Path.is_dir, (rootfs / name for name in _TRIMMED)):
+        for entry in folder.iterdir():
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for old in [*(rootfs / "var/cache/debconf").glob("*-old"), *(rootfs / "var/lib/dpkg").glob("*-old")]:
+        old.unlink()
+    for doc in sorted((rootfs / "usr/share/doc").rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if doc.is_symlink() or doc.is_file():
+            if doc.name != "copyright":
+                doc.unlink()
+        elif doc.is_dir() and not any(doc.iterdir()):
+            doc.rmdir()
+
+
+def _import(rootfs: Path, setup: PodmanSetup) -> None:
+    """tar | podman import, with the settings an image config needs (no Dockerfile: nothing here pulls one)."""
+    changes = ["ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ENV LANG=C.UTF-8",
+               'CMD ["python3"]']
+    with tempfile.TemporaryFile() as errors:  # a file, not a pipe nobody reads while podman reads the tree
+        tar = subprocess.Popen(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE,
+                               stderr=errors)
+        assert tar.stdout is not None
+        try:
+            podman("import", "--quiet", *[arg for change in changes for arg in ("--change", change)], "-",
+                   BASE_IMAGE, stdin=tar.stdout, timeout_s=300, setup=setup)
+        finally:
+            tar.stdout.close()
+            if tar.poll() is None:
+                tar.kill()
+            tar.wait(timeout=30)
+        if tar.returncode != 0:  # a short stream would have made an image of part of the tree
+            podman("rmi", "--ignore", BASE_IMAGE, timeout_s=120, check=False, setup=setup)
+            errors.seek(0)
+            raise ContainerError(f"tar of {rootfs} failed (exit {tar.returncode}): {errors.read().decode()[-2000:]}")
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(entry.lstat().st_size for entry in path.rglob("*") if entry.is_file() and not entry.is_symlink())
+
+
+def _remove_tree(path: Path) -> None:
+    """rmtree, after unmounting anything debootstrap left mounted inside (/proc, /sys of a killed run)."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount_point in sorted((m for m in mounts if m.startswith(str(path) + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount_point], check=False, capture_output=True, timeout=60)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- a container serving HTTP on a published port ----------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def podman_run_detached(image: str | os.PathLike, *command: str, port: int = 8080,
+                        env: Mapping[str, str] | None = None, timeout_s: float = 300, user: str | None = None,
+                        ready_path: str = "/", ready_timeout_s: float = 60,
+                        run_args: Sequence[str] = ()) -> Iterator[str]:
+    """Run ``image`` detached with ``port`` published on 127.0.0.1 and yield its base URL once ``ready_path``
+    answers (any HTTP status). ``image``: a local image name, an archive file (podman load), an OCI layout folder
+    (a Path, or a str path starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference.
+    The container is always removed, and an image loaded here too; its logs are printed when anything fails."""
+    image_ref, forget_image = _local_image(image)
+    name = _container_name()
+    try:
+        url = _start_detached(name, image_ref, command, port, env or {}, timeout_s, user, run_args)
+        try:
+            _wait_for_http(name, url + ready_path, ready_timeout_s)
+            yield url
+        except BaseException:
+            _print_logs(name)
+            raise
+    finally:
+        podman("rm", "-f", "-t", "0", "--ignore", name, timeout_s=60, check=False)
+        forget_image()
+
+
+def _start_detached(name: str, image: str, command: Sequence[str], port: int, env: Mapping[str, str],
+                    timeout_s: float, user: str | None, run_args: Sequence[str]) -> str:
+    options = [*_bounded(timeout_s), *(["--user", user] if user else []),
+               *[arg for key, value in env.items() for arg in ("--env", f"{key}={value}")], *run_args]
+    for _ in range(3):
+        host_port = free_port()  # free a moment ago; another process may take it first, hence the retries
+        started = podman("run", "-d", "--name", name, "-p", f"127.0.0.1:{host_port}:{port}", *options, image,
+                         *command, check=False)
+        if started.returncode == 0:
+            return f"http://127.0.0.1:{host_port}"
+        podman("rm", "-f", "-t", "0", "--ignore", name, timeout_s=60, check=False)
+        if "address already in use" not in started.stderr:
+            raise ContainerError(f"podman run {image} failed (exit {started.returncode}): {started.stderr.strip()}")
+    raise ContainerError(f"podman run {image}: no free port on 127.0.0.1 after 3 tries")
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 never goes through a proxy
+
+
+def http_get(url: str, timeout_s: float = 10) -> tuple[int, bytes]:
+    """(status, body) of a GET, an error status included, never through a proxy."""
+    try:
+        with _DIRECT.open(url, timeout=timeout_s) as answer:
+            return answer.status, answer.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def _wait_for_http(name: str, url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            http_get(url, timeout_s=2)
+            return  # it answered; the status is the test's business
+        except (urllib.error.URLError, HTTPException, OSError):
+            pass  # rootlessport accepts before the server listens, then drops the connection
+        state = podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name,
+                       timeout_s=30, check=False).stdout.split()
+        if not state or state[0] not in ("created", "configured", "initialized", "running"):
+            ended = f"ended ({state[0]}, exit {state[1]})" if len(state) == 2 else "is gone"
+            raise ContainerError(f"container {name} {ended} before {url} answered")
+        if time.monotonic() > deadline:
+            raise ContainerError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _print_logs(name: str) -> None:
+    logs = podman("logs", "--tail", "200", name, timeout_s=30, check=False)
+    print(f"--- last logs of container {name} ---\n{logs.stdout}{logs.stderr}--- end of logs ---")
+
+
+def _local_image(image: str | os.PathLike) -> tuple[str, Callable[[], None]]:
+    """A reference podman can run without pulling, and how to forget what was brought in for it."""
+    if isinstance(image, str) and image.startswith(("/", "./", "../")):
+        image = Path(image)
+    if isinstance(image, os.PathLike) and Path(image).is_file():
+        return _load_archive(Path(image))
+    if isinstance(image, os.PathLike):
+        image = f"oci:{image}"
+    if image.split(":", 1)[0] in ("oci", "oci-archive", "docker-archive"):
+        name = f"localhost/edgepack-test-run-{uuid.uuid4().hex[:12]}:latest"
+        skopeo("copy", "--quiet", image, f"containers-storage:{name}", timeout_s=600)
+
+        def untag() -> None:  # the image goes with its last name, unless a container of another run uses it
+            podman("rmi", "--ignore", name, timeout_s=120, check=False)
+
+        return name, untag
+    return image, lambda: None
+
+
+def _load_archive(archive: Path) -> tuple[str, Callable[[], None]]:
+    listed = podman("images", "--format", "{{.ID}} {{.Repository}}:{{.Tag}}", "--no-trunc", timeout_s=60).stdout
+    before = {word.removeprefix("sha256:") for line in listed.splitlines() for word in line.split()}
+    loaded = podman("load", "-i", str(archive), timeout_s=600)
+    names = [name.strip() for line in loaded.stdout.splitlines() if line.startswith("Loaded image")
+             for name in line.split(":", 1)[1].split(",")]
+    if not names:
+        raise ContainerError(f"podman load {archive} named no image: {loaded.stdout}{loaded.stderr}")
+    image_id = podman("image", "inspect", "--format", "{{.Id}}", names[0], timeout_s=60).stdout.strip()
+
+    def forget() -> None:
+        # Only what the load added: its new names, then the image if it is new and nothing else names or runs it.
+        new_names = [name for name in names if name not in before and not name.startswith("sha256:")]
+        if new_names:
+            podman("untag", image_id, *new_names, timeout_s=60, check=False)
+        if image_id not in before:
+            podman("rmi", "--ignore", image_id, timeout_s=120, check=False)
+
+    return image_id, forget
+
+
+# --- a local registry -------------------------------------------------------------------------------
+
+@contextmanager
+def run_local_registry(folder: Path, ready_timeout_s: float = 20) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1, storing in ``folder``; yields ``127.0.0.1:PORT`` (plain HTTP)."""
+    binary = tool("docker-registry")
+    if not binary:
+        pytest.skip(f"docker-registry not installed ({INSTALL_HINT})")
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        port = free_port()
+        config = folder / "registry.yml"  # JSON is YAML
+        config.write_text(json.dumps({
+            "version": "0.1", "log": {"level": "warn", "accesslog": {"disabled": True}},
+            "storage": {"filesystem": {"rootdirectory": str(folder / "data")}, "delete": {"enabled": True}},
+            "http": {"addr": f"127.0.0.1:{port}", "secret": uuid.uuid4().hex}}, indent=2))
+        log_path = folder / "registry.log"
+        with open(log_path, "w") as log:
+            process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if _registry_ready(process, port, ready_timeout_s, log_path):
+                yield f"127.0.0.1:{port}"
+                return
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+    raise ContainerError(f"docker-registry found no free port on 127.0.0.1 after 3 tries: {log_path.read_text()}")
+
+
+def _registry_ready(process: subprocess.Popen, port: int, timeout_s: float, log: Path) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            if "address already in use" in log.read_text():
+                return False
+            raise ContainerError(f"docker-registry exited (exit {process.returncode}): {log.read_text()[-2000:]}")
+        try:
+            if http_get(f"http://127.0.0.1:{port}/v2/", timeout_s=2)[0] == 200:
+                return True
+        except (urllib.error.URLError, HTTPException, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ContainerError(f"docker-registry did not answer /v2/ within {timeout_s:.0f} s: {log.read_text()}")
+        time.sleep(0.1)
+
+
+# --- fixtures (registered by conftest.py) -----------------------------------------------------------
+
+@pytest.fixture(name="podman_env")
+def podman_env_fixture(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The podman environment, also set in os.environ for this test, so code under test that runs podman,
+    skopeo or buildah uses the private store and configuration."""
+    for key, value in podman_setup().env.items():
+        monkeypatch.setenv(key, value)
+    return podman_env()
+
+
+@pytest.fixture(name="python_base_layout", scope="session")
+def python_base_layout_fixture() -> tuple[Path, str]:
+    return python_base_layout()
+
+
+@pytest.fixture(name="local_registry")
+def local_registry_fixture(tmp_path: Path) -> Iterator[str]:
+    with run_local_registry(tmp_path / "registry") as address:
+        yield address
