@@ -1,4 +1,4 @@
-"""Bundle launcher: ``python -m runtime verify|bench|predict`` from an unpacked bundle."""
+"""Bundle launcher: ``python -m runtime verify|bench|predict|serve`` from an unpacked bundle."""
 
 from __future__ import annotations
 
@@ -53,10 +53,14 @@ def main(argv: list[str]) -> int:
             return bench.main(rest)
         if command == "predict":
             return _predict(rest)
+        if command == "serve":
+            from .server import main as serve
+
+            return serve(rest, _root())
     except EdgepackError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return int(err.exit_code)
-    print("usage: python -m runtime verify | bench [--help] | predict INPUT.npy", file=sys.stderr)
+    print("usage: python -m runtime verify | bench [--help] | predict INPUT.npy | serve [--help]", file=sys.stderr)
     return int(ExitCode.USAGE)
 
 
