@@ -97,6 +97,10 @@ class Server:
                 pass
             time.sleep(0.002)
 
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mb(self) -> tuple[float, float]:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         values = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
@@ -108,12 +112,13 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def c1_latency(port: int, path: str, body: bytes, seconds: float) -> dict[str, float]:
+def c1_latency(port: int, path: str, body: bytes | None, seconds: float) -> dict[str, float]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     headers = {"Content-Type": "application/json"}
+    method = "GET" if body is None else "POST"
 
     def once() -> None:
-        connection.request("POST", path, body, headers)
+        connection.request(method, path, body, headers)
         response = connection.getresponse()
         response.read()
         if response.status != 200:
@@ -210,23 +215,32 @@ def main() -> None:
             server = Server(root, placement, args.server_cpu)
             try:
                 rss, hwm = server.rss_mb()
+                live = c1_latency(server.port, "/v2/health/live", None, args.seconds / 2)
                 v2 = c1_latency(server.port, infer_path, v2_body, args.seconds)
                 predict = c1_latency(server.port, "/predict", predict_body, args.seconds)
+                cpu_before, wall_before = server.cpu_s(), time.perf_counter()
                 loaded = throughput(server.port, infer_path, v2_body, args.seconds, args.concurrency)
+                # Requests per CPU-second of the server: on a shared host the server's share of its
+                # core varies run to run (other load, how many threads it has), this does not.
+                loaded["per_cpu_s"] = loaded["rps"] * (time.perf_counter() - wall_before) / max(server.cpu_s() - cpu_before, 1e-9)
                 rss_after, hwm_after = server.rss_mb()
             finally:
                 server.stop()
-            rows.append((placement, server.ready_s, rss, hwm_after, v2, predict, loaded))
+            rows.append((placement, server.ready_s, rss, hwm_after, live, v2, predict, loaded))
             print(f"  {server.log_line}")
-        print(f"\n{'inference':<10} {'ready s':>8} {'RSS MB':>7} {'peak MB':>8} {'v2 p50 us':>10} {'v2 p99 us':>10} "
-              f"{'predict p50 us':>15} {'req/s c=' + str(args.concurrency):>12} {'p99 ms':>7}")
-        for placement, ready_s, rss, hwm, v2, predict, loaded in rows:
-            print(f"{placement:<10} {ready_s:>8.3f} {rss:>7.1f} {hwm:>8.1f} {v2['p50_ms'] * 1000:>10.1f} "
-                  f"{v2['p99_ms'] * 1000:>10.1f} {predict['p50_ms'] * 1000:>15.1f} {loaded['rps']:>12.0f} "
-                  f"{loaded['p99_ms']:>7.2f}" + (f"  ({loaded['errors']} errors)" if loaded["errors"] else ""))
-        overhead = statistics.median(v2["p50_ms"] for *_, v2, _, _ in rows) - raw["p50_ms"]
-        print(f"\nserver overhead at c=1 (median over placements, v2 JSON): {overhead * 1000:.1f} us per request; "
-              f"c={args.concurrency} client: {rows[0][6]['client']}")
+        print(f"\n{'inference':<10} {'ready s':>8} {'RSS MB':>7} {'peak MB':>8} {'live p50':>9} {'v2 p50':>7} "
+              f"{'v2 p99':>7} {'predict p50':>12} {'req/s c=' + str(args.concurrency):>12} {'p99 ms':>7} {'req/CPU-s':>10}")
+        for placement, ready_s, rss, hwm, live, v2, predict, loaded in rows:
+            print(f"{placement:<10} {ready_s:>8.3f} {rss:>7.1f} {hwm:>8.1f} {live['p50_ms'] * 1000:>9.0f} "
+                  f"{v2['p50_ms'] * 1000:>7.0f} {v2['p99_ms'] * 1000:>7.0f} {predict['p50_ms'] * 1000:>12.0f} "
+                  f"{loaded['rps']:>12.0f} {loaded['p99_ms']:>7.2f} {loaded['per_cpu_s']:>10.0f}"
+                  + (f"  ({loaded['errors']} errors)" if loaded["errors"] else ""))
+        overhead = statistics.median(row[5]["p50_ms"] for row in rows) - raw["p50_ms"]
+        floor = statistics.median(row[4]["p50_ms"] for row in rows)
+        print(f"(latencies in us at c=1, one keep-alive connection; live p50 = the HTTP round trip with this "
+              f"client and no work)\nserver + client overhead at c=1 (median over placements, v2 JSON): "
+              f"{overhead * 1000:.0f} us per request, of which {floor * 1000:.0f} us is the bare round trip; "
+              f"c={args.concurrency} client: {rows[0][7]['client']}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ def _predict(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from . import bench
     from .bundle import verify_dir
 
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
@@ -50,6 +49,8 @@ def main(argv: list[str]) -> int:
                   f"{len(verified.sums)} files verified")
             return 0
         if command == "bench":
+            from . import bench
+
             return bench.main(rest)
         if command == "predict":
             return _predict(rest)

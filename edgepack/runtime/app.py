@@ -126,8 +126,6 @@ class App:
             route = self.registry.get(name, version)
             call.model = route.name
             body, headers = await self._body(scope, receive)
-            if route.model is None:
-                raise RequestError(f"model {route.name} is still loading", "retry once /v2/models/NAME/ready answers 200", 503)
             request = v2.parse_infer(body, _header_length(headers), route.signature, self.settings.allow_nonfinite)
             answer = await route.infer(list(request.outputs), request.inputs)
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
@@ -140,8 +138,6 @@ class App:
             route = self.registry.default()
             call.model = route.name
             body, _ = await self._body(scope, receive)
-            if route.model is None:
-                raise RequestError(f"model {route.name} is still loading", "retry once /v2/health/ready answers 200", 503)
             feed = v2.parse_predict(body, route.signature, self.settings.allow_nonfinite)
             answer = await route.infer(None, feed)
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
@@ -172,15 +168,13 @@ class App:
         """The whole body, or 413 once it is known to be larger than the limit."""
         headers = {key: value for key, value in scope["headers"] if key in _BODY_HEADERS}
         limit = self.settings.max_body_bytes
-        too_large = RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
-                                 "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             # A client waiting for "100 Continue" never sends the body; one past the cap is not worth reading.
             if headers.get(b"expect", b"").lower() == b"100-continue" or int(declared) > _DRAIN_FACTOR * limit:
-                raise too_large
+                raise _too_large(limit)
             await _drain(receive, 0, _DRAIN_FACTOR * limit)
-            raise too_large
+            raise _too_large(limit)
         encoding = headers.get(b"content-encoding", b"identity").lower()
         if encoding != b"identity":
             raise RequestError(f"Content-Encoding {encoding.decode(errors='replace')} is not supported",
@@ -195,10 +189,15 @@ class App:
             if size > limit:
                 if message.get("more_body", False):
                     await _drain(receive, size, _DRAIN_FACTOR * limit)
-                raise too_large
+                raise _too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
+                        "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
 
 
 async def _drain(receive: Receive, size: int, cap: int) -> None:

@@ -265,7 +265,7 @@ def _json_array(sig: TensorSig, data: Any) -> np.ndarray:
     try:
         raw = np.asarray(data)  # no dtype: see what the client sent before converting it
     except (ValueError, TypeError):
-        raise RequestError(f"input {sig.name!r}: data is ragged (rows of different lengths)",
+        raise RequestError(f"input {sig.name!r}: data is ragged (rows of different lengths) or nested too deeply",
                            "every row needs the same number of values") from None
     if raw.dtype.kind not in _ACCEPTS[sig.dtype.kind]:
         raise RequestError(f"input {sig.name!r}: data holds {_HOLDS.get(raw.dtype.kind, raw.dtype.name)}, "
