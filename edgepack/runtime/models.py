@@ -24,12 +24,12 @@ from .errors import InferenceFailed, IntegrityError, RequestError, UnsupportedHe
 from .v2 import PLATFORM, Signature
 
 # Where inference runs (benchmarks/serve_latency.py measures it): session.run releases the GIL,
-# but the hop to a thread and back costs ~60 us at concurrency 1, more than a tiny model's whole
-# run, while serving costs the same CPU per request either way. So "auto" runs a request on the
-# event loop when its expected run time (the warm-up's, scaled by the input's size) is below a
-# budget, and in a thread above it. With one worker (one core, or a session using every core)
-# threads add no parallelism, only a free loop, so blocking it for up to 1 ms is the better deal;
-# with several, a run longer than the hop is worth overlapping with other requests.
+# but the hop to a thread and back costs 50-100 us at concurrency 1, more than a tiny model's
+# whole run, while at concurrency 16 the CPU per request differs by a few percent either way. So
+# "auto" runs a request on the event loop when its expected run time (the warm-up's, scaled by the
+# input's size) is below a budget, and in a thread above it. With one worker (one core, or a
+# session using every core) threads add no parallelism, only a free loop, so blocking it for up to
+# 1 ms is the better deal; with several, a run longer than the hop is worth overlapping with others.
 INLINE_BUDGET_S = {"one_worker": 0.001, "several_workers": 0.0002}
 PLACEMENTS = ("auto", "loop", "thread")
 
