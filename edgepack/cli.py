@@ -351,6 +351,27 @@ def _compare_reports(files: Tuple[Path, Path], bundle: Optional[Path], min_chang
 
 @app.command()
 @error_boundary
+def serve(
+    bundle: Path = typer.Argument(..., help="A bundle .tar.gz (verified, then unpacked to a temporary folder) or an unpacked bundle folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, help="Port to listen on (0: any free port; the log line says which)."),
+    max_body_mb: float = typer.Option(8.0, help="Refuse request bodies larger than this with 413."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN and infinity in float inputs (refused with 400 by default)."),
+    access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr."),
+    inference: str = typer.Option("auto", help="Where session.run runs: loop (the event loop), thread, or auto (the loop for runs expected under 1 ms with one worker thread, 0.2 ms with several)."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: the bundle's target profile's)."),
+) -> None:
+    """Serve a bundle's model over HTTP until Ctrl-C: KServe v2 at /v2, plain JSON at /predict, Prometheus at /metrics."""
+    from edgepack.runtime.server import ServeSettings, serve_path
+
+    if inference not in ("auto", "loop", "thread"):
+        raise typer.BadParameter(f"--inference {inference!r}: expected auto, loop or thread")
+    serve_path(bundle, ServeSettings(host, port, max_body_mb, allow_nonfinite, access_log, inference, threads),
+               server_version=__version__)
+
+
+@app.command()
+@error_boundary
 def profiles(json_out: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")) -> None:
     """List the device profiles in targets/ and what this host enforces for each."""
     from edgepack.bench.profiles import all_profiles

@@ -1,7 +1,9 @@
 """edgepack's runtime: what ships inside every bundle and image.
 
 Imports only the standard library, numpy and onnxruntime, so a device needs nothing else; a bundle
-built with ``--arch`` carries those two as wheels and needs only python3 (see ``deps``). Modules
+built with ``--arch`` carries those two as wheels and needs only python3 (see ``deps``). The HTTP
+server (``server``, ``app``, ``v2``, ``models``, ``metrics``) adds the stack ``requirements.SERVE``
+names, imported only when ``serve`` runs. Modules
 import each other relatively: in a bundle this package is called ``runtime``, in the repository
 ``edgepack.runtime``.
 """

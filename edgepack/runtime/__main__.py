@@ -1,4 +1,4 @@
-"""Bundle launcher: ``python -m runtime verify|bench|predict`` from an unpacked bundle."""
+"""Bundle launcher: ``python -m runtime verify|bench|predict|serve`` from an unpacked bundle."""
 
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ def _predict(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    from . import bench
     from .bundle import verify_dir
 
     command, rest = (argv[0], argv[1:]) if argv else ("", [])
@@ -50,13 +49,19 @@ def main(argv: list[str]) -> int:
                   f"{len(verified.sums)} files verified")
             return 0
         if command == "bench":
+            from . import bench
+
             return bench.main(rest)
         if command == "predict":
             return _predict(rest)
+        if command == "serve":
+            from .server import main as serve
+
+            return serve(rest, _root())
     except EdgepackError as err:
         print(f"error: {err.one_line()}", file=sys.stderr)
         return int(err.exit_code)
-    print("usage: python -m runtime verify | bench [--help] | predict INPUT.npy", file=sys.stderr)
+    print("usage: python -m runtime verify | bench [--help] | predict INPUT.npy | serve [--help]", file=sys.stderr)
     return int(ExitCode.USAGE)
 
 

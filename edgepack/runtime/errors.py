@@ -53,3 +53,18 @@ class UnsupportedHere(EdgepackError):
     """The request is valid but this host cannot do it (another architecture, a missing extra)."""
 
     exit_code = ExitCode.UNSUPPORTED_HERE
+
+
+class RequestError(InputError):
+    """An HTTP request the server refuses: ``status`` is its 4xx code, the message names what is wrong.
+
+    The server answers it and goes on; it never ends a process, so its exit code is only nominal.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, status: int = 400) -> None:
+        super().__init__(message, hint)
+        self.status = status
+
+
+class InferenceFailed(EdgepackError):
+    """onnxruntime raised on input the server had accepted: answered with 500, the server keeps running."""

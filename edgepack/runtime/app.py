@@ -1,0 +1,264 @@
+"""The ASGI application: routes, body limits, status codes and metrics around the registry.
+
+Hand-written (no framework): the hot path of an inference request is one path split, one body
+read, the codec and the route, which keeps the server's own share of a tiny model's latency small.
+Any request is answered: refusals with 4xx, onnxruntime failures and bugs with 500, and the server
+goes on serving either way.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import orjson
+
+from . import v2
+from .errors import EdgepackError, InferenceFailed, RequestError
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .models import Registry
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_JSON = b"application/json"
+_POST_ENDPOINTS = ("infer", "predict")
+_INFERENCE = ("infer", "predict")
+_BODY_HEADERS = (b"content-length", b"content-encoding", b"expect", b"inference-header-content-length")
+# A refused body is read (and dropped) up to this many times the limit, so that the client reads
+# the 413; past that the server answers at once and drops the connection.
+_DRAIN_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    max_body_bytes: int = 8 << 20
+    allow_nonfinite: bool = False
+    access_log: bool = False
+    server_version: str = "unknown"
+
+
+class _Disconnected(Exception):
+    """The client went away before its request was read: there is nobody to answer."""
+
+
+class _Call:
+    """What a request is, as known so far: filled in while routing, read by metrics and the log."""
+
+    __slots__ = ("endpoint", "model")
+
+    def __init__(self) -> None:
+        self.endpoint = "unknown"
+        self.model = ""
+
+
+class App:
+    def __init__(self, registry: Registry, metrics: ServerMetrics, settings: AppSettings) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.settings = settings
+        self._server_metadata = orjson.dumps({"name": "edgepack", "version": settings.server_version,
+                                              "extensions": list(v2.EXTENSIONS)})
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        call = _Call()
+        metrics = self.metrics
+        metrics.in_flight.inc()
+        status = 499  # client closed the request, as nginx counts it
+        try:
+            status, body, headers = await self._answer(call, scope, receive)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+        except _Disconnected:
+            pass
+        finally:
+            metrics.in_flight.dec()
+            metrics.requests.inc(call.model, call.endpoint, str(status))
+            elapsed = time.perf_counter() - started
+            if call.endpoint in _INFERENCE and status == 200:
+                metrics.latency.observe(elapsed, call.model, call.endpoint)
+            if self.settings.access_log:
+                client = scope.get("client") or ("-", 0)
+                print(f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}" {status} '
+                      f"{elapsed * 1000:.2f} ms", file=sys.stderr, flush=True)
+
+    async def _answer(self, call: _Call, scope: dict[str, Any], receive: Receive) -> tuple[int, bytes, list]:
+        try:
+            return await self._dispatch(call, scope, receive)
+        except RequestError as err:
+            headers = [(b"content-type", _JSON)]
+            if err.status == 405:
+                allowed = b"POST" if call.endpoint in _POST_ENDPOINTS else b"GET"
+                headers.append((b"allow", allowed))
+            return err.status, _error(err), headers
+        except InferenceFailed as err:
+            print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
+            return 500, _error(err), [(b"content-type", _JSON)]
+        except _Disconnected:
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug must cost one request, not the server
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            print(f"internal error: {type(err).__name__}: {err} at {where.filename}:{where.lineno} "
+                  f"({scope['method']} {scope['path']})", file=sys.stderr, flush=True)
+            return 500, orjson.dumps({"error": f"internal error: {type(err).__name__}: {err}"}), [(b"content-type", _JSON)]
+
+    async def _dispatch(self, call: _Call, scope: dict[str, Any], receive: Receive) -> tuple[int, bytes, list]:
+        endpoint, name, version = route_of(scope["path"])
+        call.endpoint = endpoint
+        method = scope["method"]
+        wanted = "POST" if endpoint in _POST_ENDPOINTS else "GET"
+        if endpoint == "unknown":
+            raise RequestError(f"no such endpoint: {method} {scope['path']}",
+                               "see GET /v2, /v2/models, /v2/models/NAME/infer, /predict, /metrics", 404)
+        if method != wanted and not (method == "HEAD" and wanted == "GET"):
+            raise RequestError(f"{endpoint} takes {wanted}, not {method}", f"use {wanted} {scope['path']}", 405)
+        if endpoint == "infer":
+            route = self.registry.get(name, version)
+            call.model = route.name
+            body, headers = await self._body(scope, receive)
+            request = v2.parse_infer(body, _header_length(headers), route.signature, self.settings.allow_nonfinite)
+            answer = await route.infer(list(request.outputs), request.inputs)
+            self.metrics.run.observe(answer.run_s, route.name, answer.version)
+            payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
+            if json_length is None:
+                return 200, payload, [(b"content-type", _JSON)]
+            return 200, payload, [(b"content-type", b"application/octet-stream"),
+                                  (b"inference-header-content-length", str(json_length).encode())]
+        if endpoint == "predict":
+            route = self.registry.default()
+            call.model = route.name
+            body, _ = await self._body(scope, receive)
+            feed = v2.parse_predict(body, route.signature, self.settings.allow_nonfinite)
+            answer = await route.infer(None, feed)
+            self.metrics.run.observe(answer.run_s, route.name, answer.version)
+            return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
+        if endpoint == "metrics":
+            return 200, self.metrics.exposition(), [(b"content-type", CONTENT_TYPE.encode())]
+        return self._describe(call, endpoint, name, version)
+
+    def _describe(self, call: _Call, endpoint: str, name: str | None, version: str | None) -> tuple[int, bytes, list]:
+        as_json = [(b"content-type", _JSON)]
+        if endpoint == "live":
+            return 200, b'{"live":true}', as_json
+        if endpoint == "ready":
+            ready = self.registry.ready
+            return (200 if ready else 503), orjson.dumps({"ready": ready}), as_json
+        if endpoint == "server_metadata":
+            return 200, self._server_metadata, as_json
+        if endpoint == "models":
+            return 200, orjson.dumps({"models": [{"name": r.name, "versions": r.versions, "platform": v2.PLATFORM,
+                                                  "ready": r.ready} for r in self.registry]}), as_json
+        route = self.registry.get(name or "", version)
+        call.model = route.name
+        if endpoint == "model_ready":
+            return (200 if route.ready else 503), orjson.dumps({"name": route.name, "ready": route.ready}), as_json
+        return 200, orjson.dumps(route.metadata()), as_json
+
+    async def _body(self, scope: dict[str, Any], receive: Receive) -> tuple[bytes, dict[bytes, bytes]]:
+        """The whole body, or 413 once it is known to be larger than the limit."""
+        headers = {key: value for key, value in scope["headers"] if key in _BODY_HEADERS}
+        limit = self.settings.max_body_bytes
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            # A client waiting for "100 Continue" never sends the body; one past the cap is not worth reading.
+            if headers.get(b"expect", b"").lower() == b"100-continue" or int(declared) > _DRAIN_FACTOR * limit:
+                raise _too_large(limit)
+            await _drain(receive, 0, _DRAIN_FACTOR * limit)
+            raise _too_large(limit)
+        encoding = headers.get(b"content-encoding", b"identity").lower()
+        if encoding != b"identity":
+            raise RequestError(f"Content-Encoding {encoding.decode(errors='replace')} is not supported",
+                               "send the body uncompressed", 415)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, size, _DRAIN_FACTOR * limit)
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
+                        "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
+
+
+async def _drain(receive: Receive, size: int, cap: int) -> None:
+    """Read and drop the rest of a refused body, up to ``cap`` bytes in all. Answering before the
+    client has sent it all would close the connection under it when it asked for Connection: close
+    (urllib always does): the unread bytes turn the close into a reset, and the client sees that
+    instead of the 413."""
+    while size <= cap:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+def route_of(path: str) -> tuple[str, str | None, str | None]:
+    """(endpoint, model name, version) for a path; endpoint "unknown" outside the API."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "v2":
+        if len(parts) == 1:
+            return "server_metadata", None, None
+        if len(parts) == 3 and parts[1] == "health" and parts[2] in ("live", "ready"):
+            return parts[2], None, None
+        if parts[1] == "models":
+            if len(parts) == 2:
+                return "models", None, None
+            name, rest, version = parts[2], parts[3:], None
+            if len(rest) >= 2 and rest[0] == "versions":
+                version, rest = rest[1], rest[2:]
+            if not rest:
+                return "model_metadata", name, version
+            if rest == ["ready"]:
+                return "model_ready", name, version
+            if rest == ["infer"]:
+                return "infer", name, version
+    elif len(parts) == 1 and parts[0] in ("predict", "metrics"):
+        return parts[0], None, None
+    return "unknown", None, None
+
+
+def _header_length(headers: dict[bytes, bytes]) -> int | None:
+    value = headers.get(b"inference-header-content-length")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise RequestError(f"Inference-Header-Content-Length {value.decode(errors='replace')!r} is not a number",
+                           "give the size of the JSON part of the body in bytes")
+    return int(value)
+
+
+def _error(err: EdgepackError) -> bytes:
+    return orjson.dumps({"error": err.one_line()})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # Models load in a thread the server starts itself (see ``server``): startup has nothing to wait for.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

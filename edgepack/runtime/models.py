@@ -1,0 +1,242 @@
+"""What the HTTP layer talks to: a registry of model names, each behind a route to loaded models.
+
+The app asks the registry for a route by name and calls ``route.infer``; it never touches a
+session. Today the only route is ``SingleRoute`` (one model answers); a shadow or phased route
+offers the same face (``infer``, ``metadata``, ``ready``, ``load``) and decides per request which
+model(s) run and which one answers; ``Answer.version`` tells the client which did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InferenceFailed, IntegrityError, RequestError, UnsupportedHere
+from .v2 import PLATFORM, Signature
+
+# Where inference runs (benchmarks/serve_latency.py measures it): session.run releases the GIL,
+# but the hop to a thread and back costs 50-100 us at concurrency 1, more than a tiny model's
+# whole run, while at concurrency 16 the CPU per request differs by a few percent either way. So
+# "auto" runs a request on the event loop when its expected run time (the warm-up's, scaled by the
+# input's size) is below a budget, and in a thread above it. With one worker (one core, or a
+# session using every core) threads add no parallelism, only a free loop, so blocking it for up to
+# 1 ms is the better deal; with several, a run longer than the hop is worth overlapping with others.
+INLINE_BUDGET_S = {"one_worker": 0.001, "several_workers": 0.0002}
+PLACEMENTS = ("auto", "loop", "thread")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model of a verified bundle, as its manifest describes it."""
+
+    name: str
+    version: str
+    path: Path
+    signature: Signature
+    threads: int | None
+    providers: list[str] | None
+    warmup: Path | None  # sample rows for the warm-up runs (the bundle's bench input)
+
+    @classmethod
+    def from_bundle(cls, root: Path, manifest: dict[str, Any], threads: int | None = None) -> ModelSpec:
+        target = manifest.get("target") or {}
+        try:
+            signature = Signature.from_manifest(manifest)
+        except ValueError as err:
+            raise UnsupportedHere(f"{root}: {err}", "serve it with a newer edgepack, or use python -m runtime predict") from None
+        warmup = manifest.get("bench_input")
+        return cls(manifest["name"], manifest["version"], root / manifest["model"], signature,
+                   threads if threads is not None else target.get("threads"), target.get("providers"),
+                   root / warmup if warmup and (root / warmup).is_file() else None)
+
+
+class ServedModel:
+    """A session ready to answer: created, checked against the manifest, warmed up and timed."""
+
+    def __init__(self, spec: ModelSpec, placement: str = "auto") -> None:
+        from .session import create_session, load_inputs, make_feed
+
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+        self.spec = spec
+        try:
+            self.session, self.create_s = create_session(spec.path, spec.threads, providers=spec.providers)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for files it cannot load
+            import onnxruntime
+
+            raise UnsupportedHere(f"onnxruntime {onnxruntime.__version__} cannot load {spec.path.name}: "
+                                  f"{str(err).splitlines()[0]}", "install the onnxruntime the bundle was built for") from None
+        names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
+        if names != (list(spec.signature.inputs), list(spec.signature.outputs)):
+            raise IntegrityError(f"{spec.path.name} takes {names[0]} and gives {names[1]}, the manifest says "
+                                 f"{list(spec.signature.inputs)} and {list(spec.signature.outputs)}", "rebuild the bundle")
+        feed, _ = make_feed(self.session, load_inputs(spec.warmup) if spec.warmup else None, batch=1)
+        self.warm_run_s = self._warm_up(feed)
+        self.run_s_per_element = self.warm_run_s / max(sum(a.size for a in feed.values()), 1)
+        self.placement = placement
+        # session.run overlaps in threads; each run uses the session's intra-op threads, so more
+        # workers than cores / threads would only make them queue inside onnxruntime.
+        self.workers = max(1, usable_cores() // spec.threads) if spec.threads else 1
+        self.inline_budget_s = INLINE_BUDGET_S["one_worker" if self.workers == 1 else "several_workers"]
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"infer-{spec.name}")
+
+    def _warm_up(self, feed: dict[str, np.ndarray]) -> float:
+        """A cold run (the first allocates and plans), then up to 50 runs or 20 ms; their median run time."""
+        self.run(None, feed)
+        times: list[float] = []
+        deadline = time.perf_counter() + 0.02
+        while not times or (len(times) < 50 and time.perf_counter() < deadline):
+            started = time.perf_counter()
+            self.run(None, feed)
+            times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Blocking; an onnxruntime failure becomes InferenceFailed (a 500), never a crash."""
+        try:
+            values = self.session.run(names, feed)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's error types are not importable stably
+            raise InferenceFailed(f"model {self.spec.name}: onnxruntime failed: {str(err).splitlines()[0]}",
+                                  "the input passed validation; report this with the request") from None
+        produced = dict(zip(names or self.spec.signature.outputs, values))
+        for name, value in produced.items():
+            if not isinstance(value, np.ndarray):
+                raise InferenceFailed(f"model {self.spec.name}: output {name!r} is a {type(value).__name__}, "
+                                      "not a tensor", "rebuild the bundle")
+        return produced
+
+    def inline(self, feed: dict[str, np.ndarray]) -> bool:
+        if self.placement != "auto":
+            return self.placement == "loop"
+        return sum(a.size for a in feed.values()) <= self.inline_values
+
+    @property
+    def inline_values(self) -> int:
+        """The most input values a request may hold to run on the loop in auto placement."""
+        return int(self.inline_budget_s / self.run_s_per_element) if self.run_s_per_element > 0 else sys.maxsize
+
+    def where(self) -> str:
+        threads = f"in {self.workers} thread{'s' if self.workers > 1 else ''}"
+        if self.placement != "auto":
+            return "on the event loop" if self.placement == "loop" else threads
+        return f"on the event loop up to {self.inline_values} input values, else {threads}"
+
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        """The outputs and the seconds session.run took."""
+        if self.inline(feed):
+            started = time.perf_counter()
+            return self.run(names, feed), time.perf_counter() - started
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed_run, names, feed)
+
+    def _timed_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+        started = time.perf_counter()
+        return self.run(names, feed), time.perf_counter() - started
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (a container's limit)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+@dataclass(frozen=True)
+class Answer:
+    version: str  # the version that answered
+    outputs: dict[str, np.ndarray]
+    run_s: float
+
+
+class SingleRoute:
+    """One model answers every request."""
+
+    mode = "single"
+
+    def __init__(self, spec: ModelSpec, placement: str = "auto") -> None:
+        self.spec = spec
+        self.placement = placement
+        self.model: ServedModel | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def versions(self) -> list[str]:
+        return [self.spec.version]
+
+    @property
+    def signature(self) -> Signature:
+        return self.spec.signature
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> None:
+        """Blocking: runs in a thread while the server already answers liveness."""
+        self.model = ServedModel(self.spec, self.placement)
+
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> Answer:
+        if self.model is None:
+            raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
+        outputs, run_s = await self.model.infer(names, feed)
+        return Answer(self.spec.version, outputs, run_s)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.name, "versions": self.versions, "platform": PLATFORM,
+                "inputs": [sig.metadata() for sig in self.signature.inputs.values()],
+                "outputs": [sig.metadata() for sig in self.signature.outputs.values()]}
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.model.close()
+
+
+class Registry:
+    """Model names to routes. Adding a name twice is an error; asking for an unknown one is a 404."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, SingleRoute] = {}
+
+    def add(self, route: SingleRoute) -> None:
+        if route.name in self._routes:
+            raise ValueError(f"model {route.name!r} is registered twice")
+        self._routes[route.name] = route
+
+    def __iter__(self):
+        return iter(self._routes.values())
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._routes) and all(route.ready for route in self._routes.values())
+
+    def get(self, name: str, version: str | None = None) -> SingleRoute:
+        route = self._routes.get(name)
+        if route is None:
+            raise RequestError(f"no model named {name!r}", f"this server serves {', '.join(self._routes)}", 404)
+        if version is not None and version not in route.versions:
+            raise RequestError(f"model {name!r} has no version {version!r}",
+                               f"it serves {', '.join(route.versions)}", 404)
+        return route
+
+    def default(self) -> SingleRoute:
+        """The model /predict answers with: the only one, for now."""
+        return next(iter(self._routes.values()))

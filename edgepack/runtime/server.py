@@ -1,0 +1,200 @@
+"""``python -m runtime serve`` (in a bundle or image) and ``edgepack serve``: verify, load, serve HTTP.
+
+The bundle is verified before anything else: a tampered one never gets a port. The socket is then
+bound and listening at once (clients queue instead of being refused) while the model loads in a
+thread, so /v2/health/live answers during a long load and /v2/health/ready turns 200 once a
+warm-up ran. uvicorn serves the app with uvloop and httptools when they are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .bundle import extract_archive, verify_dir
+from .errors import EdgepackError, InputError, UnsupportedHere
+from .requirements import SERVE
+
+DEFAULT_PORT = 8080
+# Longer than the idle timeout of common load balancers (60 s): a server that closes an idle
+# connection first races the balancer's next request on it, which then fails with a 502.
+KEEP_ALIVE_S = 75
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_body_mb: float = 8
+    allow_nonfinite: bool = False
+    access_log: bool = False
+    placement: str = "auto"  # where inference runs: auto, loop or thread (see models.INLINE_BUDGET_S)
+    threads: int | None = None  # onnxruntime intra-op threads; None: the bundle's target profile's
+
+
+def serve_path(path: Path, settings: ServeSettings, server_version: str | None = None) -> None:
+    """Serve a bundle folder, or a bundle archive verified and unpacked into a temporary folder."""
+    if path.is_dir():
+        serve(path, settings, server_version)
+        return
+    if not path.is_file():
+        raise InputError(f"{path}: no such bundle", "give a bundle .tar.gz or an unpacked bundle folder")
+    with tempfile.TemporaryDirectory(prefix="edgepack-serve-") as tmp:
+        serve(extract_archive(path, Path(tmp)), settings, server_version)
+
+
+def serve(root: Path, settings: ServeSettings, server_version: str | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; returns after a clean stop, raises EdgepackError when the model fails to load."""
+    started = time.perf_counter()
+    loop, http = _http_stack()
+    manifest = verify_dir(root).manifest
+    if settings.max_body_mb <= 0:
+        raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 8")
+    import uvicorn
+
+    from .app import App, AppSettings
+    from .metrics import ServerMetrics
+    from .models import ModelSpec, Registry, SingleRoute
+
+    registry = Registry()
+    registry.add(SingleRoute(ModelSpec.from_bundle(root, manifest, settings.threads), settings.placement))
+    metrics = ServerMetrics()
+    version = server_version or (manifest.get("created_by") or {}).get("edgepack", "unknown")
+    app = App(registry, metrics, AppSettings(int(settings.max_body_mb * 2**20), settings.allow_nonfinite,
+                                             settings.access_log, version))
+    sock = _listen(settings.host, settings.port)
+    config = uvicorn.Config(app, loop=loop, http=http, ws="none", interface="asgi3", lifespan="on",
+                            log_config=None, log_level="warning", access_log=False, proxy_headers=False,
+                            server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
+    server = uvicorn.Server(config)
+    failures: list[EdgepackError] = []
+    address = _url(settings.host, sock.getsockname()[1])
+    loader = threading.Thread(target=_load, args=(registry, metrics, server, failures, address, started),
+                              name="model-loader", daemon=True)
+    with _signals_stop():
+        loader.start()
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the signal it stopped on, once it has stopped
+            pass
+    for route in registry:
+        route.close()
+    if failures:
+        raise failures[0]
+    print(f"stopped serving {manifest['name']} {manifest['version']}", file=sys.stderr, flush=True)
+
+
+def _load(registry, metrics, server, failures: list[EdgepackError], address: str, started: float) -> None:
+    try:
+        for route in registry:
+            route.load()
+            metrics.ready.set(1, route.name, route.spec.version)
+    except EdgepackError as err:
+        failures.append(err)
+        server.should_exit = True
+        return
+    while not server.started and not server.should_exit:  # the log line promises a port that answers
+        time.sleep(0.002)
+    for route in registry:
+        model = route.model
+        print(f"serving {route.name} {route.spec.version} on {address} (ready in "
+              f"{time.perf_counter() - started:.2f} s; one row runs in {model.warm_run_s * 1000:.3f} ms, "
+              f"inference {model.where()})", file=sys.stderr, flush=True)
+
+
+def _http_stack() -> tuple[str, str]:
+    """uvloop and httptools when importable, else asyncio and h11, with a note saying so."""
+    missing = [name for name in ("uvicorn", "orjson") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UnsupportedHere(f"serving needs {' and '.join(missing)}, which this Python cannot import",
+                              f"pip install {' '.join(repr(r) for r in SERVE)}")
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    if (loop, http) != ("uvloop", "httptools"):
+        print(f"note: serving with {loop} and {http} (slower): pip install uvloop httptools for the fast path",
+              file=sys.stderr, flush=True)
+    return loop, http
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bound and listening before the model loads: early clients queue in the backlog, and a busy
+    port is a one-line error instead of uvicorn's log."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        raise InputError(f"cannot listen on {host}:{port}: {err.strerror or err}",
+                         "choose another --port or --host, or stop what listens there") from None
+    return sock
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM stops like Ctrl-C: uvicorn shuts down gracefully on either, then re-raises it to the
+    handler found before it started; this one makes that a KeyboardInterrupt, not the default
+    action of SIGTERM (dying without cleanup, which would leave an unpacked archive behind)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _parser(default_host: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m runtime serve",
+        description="Serve this bundle's model over HTTP: Open Inference Protocol (KServe v2) at /v2, plain JSON "
+                    "at /predict, Prometheus at /metrics.")
+    parser.add_argument("--bundle", type=Path, help="unpacked bundle folder (default: the one holding this runtime)")
+    parser.add_argument("--host", default=default_host, help=f"address to listen on (default: {default_host})")
+    parser.add_argument("--port", type=int, help=f"port (default: $PORT, else {DEFAULT_PORT}; 0: any free port)")
+    parser.add_argument("--max-body-mb", type=float, default=ServeSettings.max_body_mb,
+                        help="refuse request bodies larger than this with 413 (default: 8)")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="accept NaN and infinity in float inputs")
+    parser.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the bundle's target)")
+    parser.add_argument("--inference", choices=("auto", "loop", "thread"), default="auto",
+                        help="where session.run runs: on the event loop, in threads, or auto (the loop when the run "
+                             "is expected to take under 1 ms with one worker thread, 0.2 ms with several)")
+    return parser
+
+
+def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
+    args = _parser(default_host).parse_args(argv)
+    port = args.port
+    if port is None:
+        text = os.environ.get("PORT", str(DEFAULT_PORT))
+        if not text.isdigit():
+            raise InputError(f"PORT={text!r} is not a port number", "set PORT to a number such as 8080, or pass --port")
+        port = int(text)
+    settings = ServeSettings(args.host, port, args.max_body_mb, args.allow_nonfinite, args.access_log,
+                             args.inference, args.threads)
+    serve(args.bundle or root, settings)
+    return 0
