@@ -54,11 +54,13 @@ def test_the_image_runs_under_podman_and_answers_like_onnxruntime(cloud_build, p
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     expected = dict(zip([o.name for o in session.get_outputs()],
                         session.run(None, {session.get_inputs()[0].name: rows})))
-    name = cloud_build["manifest"]["name"] if "manifest" in cloud_build else "digits_mlp"
+    name = cloud_build["name"]
 
     with podman_run_detached(image["archive"], ready_path="/v2/health/ready") as url:
         status, _ = http_get(url + "/v2/health/ready")
         assert status == 200
+        status, listed = http_get(url + "/v2/models")
+        assert status == 200 and [m["name"] for m in json.loads(listed)["models"]] == [name]
         status, body = http_get(url + f"/v2/models/{name}")
         assert status == 200 and json.loads(body)["name"] == name
         status, answer = _post(url + f"/v2/models/{name}/infer", {"inputs": [
