@@ -420,9 +420,9 @@ def free_port() -> int:
 def podman_run_detached(image: str | os.PathLike, *command: str, port: int = 8080,
                         env: Mapping[str, str] | None = None, timeout_s: float = 300, user: str | None = None,
                         ready_path: str = "/", ready_timeout_s: float = 60,
-                        run_args: Sequence[str] = ()) -> Iterator[str]:
+                        run_args: Sequence[str] = (), ready_status: int | None = None) -> Iterator[str]:
     """Run ``image`` detached with ``port`` published on 127.0.0.1 and yield its base URL once ``ready_path``
-    answers (any HTTP status). ``image``: a local image name, an archive file (podman load), an OCI layout folder
+    answers (any HTTP status, or ``ready_status`` when given: a server that answers 503 while it loads). ``image``: a local image name, an archive file (podman load), an OCI layout folder
     (a Path, or a str path starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference.
     The container is always removed, and an image loaded here too; its logs are printed when anything fails."""
     image_ref, forget_image = _local_image(image)
@@ -430,7 +430,7 @@ def podman_run_detached(image: str | os.PathLike, *command: str, port: int = 808
     try:
         url = _start_detached(name, image_ref, command, port, env or {}, timeout_s, user, run_args)
         try:
-            _wait_for_http(name, url + ready_path, ready_timeout_s)
+            _wait_for_http(name, url + ready_path, ready_timeout_s, ready_status)
             yield url
         except BaseException:
             _print_logs(name)
@@ -468,12 +468,13 @@ def http_get(url: str, timeout_s: float = 10) -> tuple[int, bytes]:
         return err.code, err.read()
 
 
-def _wait_for_http(name: str, url: str, timeout_s: float) -> None:
+def _wait_for_http(name: str, url: str, timeout_s: float, status: int | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            http_get(url, timeout_s=2)
-            return  # it answered; the status is the test's business
+            answered, _ = http_get(url, timeout_s=2)
+            if status is None or answered == status:
+                return  # it answered (as wanted); any other status is the test's business
         except (urllib.error.URLError, HTTPException, OSError):
             pass  # rootlessport accepts before the server listens, then drops the connection
         state = podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name,
@@ -482,7 +483,7 @@ def _wait_for_http(name: str, url: str, timeout_s: float) -> None:
             ended = f"ended ({state[0]}, exit {state[1]})" if len(state) == 2 else "is gone"
             raise ContainerError(f"container {name} {ended} before {url} answered")
         if time.monotonic() > deadline:
-            raise ContainerError(f"{url} did not answer within {timeout_s:.0f} s")
+            raise ContainerError(f"{url} did not answer{f' {status}' if status else ''} within {timeout_s:.0f} s")
         time.sleep(0.2)
 
 

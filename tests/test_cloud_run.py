@@ -56,7 +56,7 @@ def test_the_image_runs_under_podman_and_answers_like_onnxruntime(cloud_build, p
                         session.run(None, {session.get_inputs()[0].name: rows})))
     name = cloud_build["name"]
 
-    with podman_run_detached(image["archive"], ready_path="/v2/health/ready") as url:
+    with podman_run_detached(image["archive"], ready_path="/v2/health/ready", ready_status=200) as url:
         status, _ = http_get(url + "/v2/health/ready")
         assert status == 200
         status, listed = http_get(url + "/v2/models")
@@ -78,5 +78,5 @@ def test_the_image_runs_under_podman_and_answers_like_onnxruntime(cloud_build, p
 
 def test_port_env_moves_the_server(cloud_build, podman_env):
     with podman_run_detached(cloud_build["image"]["archive"], port=9090, env={"PORT": "9090"},
-                             ready_path="/v2/health/ready") as url:
+                             ready_path="/v2/health/ready", ready_status=200) as url:
         assert http_get(url + "/v2/health/live")[0] == 200

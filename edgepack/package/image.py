@@ -12,6 +12,7 @@ before ``publish``, and ``discard`` removes the staging folder of a build that f
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -27,10 +28,10 @@ from edgepack.package.docker_archive import write_docker_archive
 from edgepack.package.dockerfile import dockerfile_text, write_context
 from edgepack.package.image_config import APP_DIR, image_config, image_env, image_labels
 from edgepack.package.image_deps import DEPS_DIR, deps_layer
-from edgepack.package.oci import (OCI_INDEX, OCI_MANIFEST, REF_NAME, Blob, BlobStore, LayerEntries, canonical_json,
-                                  replace_dir, scan_layer, write_layer, write_layout)
+from edgepack.package.oci import (OCI_INDEX, OCI_MANIFEST, REF_NAME, Blob, BlobStore, LayerEntries, LayerScan,
+                                  canonical_json, replace_dir, scan_layer, write_layer, write_layout)
 from edgepack.package.sbom import created_at, image_sbom
-from edgepack.package.wheels import DEFAULT_PYTHON, WheelRequest, WheelSet
+from edgepack.package.wheels import DEFAULT_PYTHON, WheelRequest, WheelSet, cache_root
 
 MODEL_NAME = "model.onnx"
 
@@ -145,7 +146,7 @@ class ImageBuild:
                 raise ImageError(f"base image {base.source}: a {descriptor['mediaType']} layer",
                                  "use a base whose layers are gzip tars (most are)")
             path = base.layer_file(descriptor)
-            scan = scan_layer(path, python_file)
+            scan = _scan_base_layer(path, descriptor["digest"], base.source)
             if scan.diff_id != diff_id:
                 raise IntegrityError(f"base image {base.source}: layer {descriptor['digest'][:19]} does not match "
                                      "its diff_id", "the base image is damaged; fetch it again")
@@ -231,7 +232,7 @@ class ImageBuild:
                 "uncompressed_bytes": sum(r.uncompressed_bytes for r in report),
                 "added_bytes": sum(r.size_bytes for r in report if r.role != "base"),
                 "layers": [r.to_json() for r in report],
-                "manifest": manifest, "archive_sizes": [r.uncompressed_bytes for r in report],
+                "manifest": manifest,
             }
         self._check_budget(reports)
         if len(descriptors) == 1:
@@ -246,10 +247,9 @@ class ImageBuild:
 
         archive_image = next((i for i in self.images if i.platform.arch == host_arch()), self.images[0])
         chosen = reports[str(archive_image.platform)]
-        write_docker_archive(self.store, chosen["manifest"], chosen["archive_sizes"], repo_tag,
-                             self.staging / "image.tar")
+        write_docker_archive(self.store, chosen["manifest"], repo_tag, self.staging / "image.tar")
         for report in reports.values():
-            del report["manifest"], report["archive_sizes"]
+            del report["manifest"]
         bases = {i.platform.architecture: _from_reference(i.base) for i in self.images}
         _, env = image_env([], DEPS_DIR)
         config = image_config(self.images[0].base, [], {}, created, DEPS_DIR, [])["config"]
@@ -308,6 +308,35 @@ class ImageBuild:
                                   f"skopeo inspect oci:{layout}:{self.result.tag}",
                                   f"edgepack push {layout} REGISTRY/REPOSITORY:{self.result.tag}"]
         return self.result
+
+
+_SCAN_FORMAT = 1  # bump when what a scan records (python_file's names) changes
+
+
+def _scan_base_layer(path: Path, digest: str, source: str) -> LayerScan:
+    """``scan_layer`` of a base layer, remembered by its digest after checking the file has that digest.
+
+    Decompressing a Python base's layers to list their files takes seconds on every build; hashing
+    the compressed file is a tenth of that, and a file with the right digest has the same contents,
+    so the same diff_id and names, as when it was scanned.
+    """
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    if f"sha256:{hasher.hexdigest()}" != digest:
+        raise IntegrityError(f"base image {source}: layer {digest[:19]} does not have its digest",
+                             "the base image is damaged; fetch it again")
+    record = cache_root() / "base-scans" / f"{digest.split(':')[1]}.v{_SCAN_FORMAT}.json"
+    try:
+        known = json.loads(record.read_text(encoding="utf-8"))
+        return LayerScan(known["diff_id"], int(known["uncompressed_size"]), tuple(known["names"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    scan = scan_layer(path, python_file)
+    write_atomic(record, json.dumps({"diff_id": scan.diff_id, "uncompressed_size": scan.uncompressed_size,
+                                     "names": list(scan.names)}, sort_keys=True).encode())
+    return scan
 
 
 def _from_reference(base: BaseImage) -> str:
