@@ -419,11 +419,12 @@ def free_port() -> int:
 @contextmanager
 def podman_run_detached(image: str | os.PathLike, *command: str, port: int = 8080,
                         env: Mapping[str, str] | None = None, timeout_s: float = 300, user: str | None = None,
-                        ready_path: str = "/", ready_timeout_s: float = 60,
-                        run_args: Sequence[str] = (), ready_status: int | None = None) -> Iterator[str]:
+                        ready_path: str = "/", ready_timeout_s: float = 60, ready_status: int | None = None,
+                        run_args: Sequence[str] = ()) -> Iterator[str]:
     """Run ``image`` detached with ``port`` published on 127.0.0.1 and yield its base URL once ``ready_path``
-    answers (any HTTP status, or ``ready_status`` when given: a server that answers 503 while it loads). ``image``: a local image name, an archive file (podman load), an OCI layout folder
-    (a Path, or a str path starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference.
+    answers: any HTTP status, or ``ready_status`` when given (a readiness check says 503 until the model is loaded).
+    ``image``: a local image name, an archive file (podman load), an OCI layout folder (a Path, or a str path
+    starting with / or .), or an ``oci:``/``oci-archive:``/``docker-archive:`` reference.
     The container is always removed, and an image loaded here too; its logs are printed when anything fails."""
     image_ref, forget_image = _local_image(image)
     name = _container_name()
@@ -470,11 +471,13 @@ def http_get(url: str, timeout_s: float = 10) -> tuple[int, bytes]:
 
 def _wait_for_http(name: str, url: str, timeout_s: float, status: int | None = None) -> None:
     deadline = time.monotonic() + timeout_s
+    last = "no answer"
     while True:
         try:
             answered, _ = http_get(url, timeout_s=2)
             if status is None or answered == status:
-                return  # it answered (as wanted); any other status is the test's business
+                return  # it answered; any other status is the test's business
+            last = f"last answer {answered}"
         except (urllib.error.URLError, HTTPException, OSError):
             pass  # rootlessport accepts before the server listens, then drops the connection
         state = podman("container", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", name,
@@ -483,7 +486,8 @@ def _wait_for_http(name: str, url: str, timeout_s: float, status: int | None = N
             ended = f"ended ({state[0]}, exit {state[1]})" if len(state) == 2 else "is gone"
             raise ContainerError(f"container {name} {ended} before {url} answered")
         if time.monotonic() > deadline:
-            raise ContainerError(f"{url} did not answer{f' {status}' if status else ''} within {timeout_s:.0f} s")
+            raise ContainerError(f"{url} did not answer{'' if status is None else f' {status}'} within "
+                                 f"{timeout_s:.0f} s ({last})")
         time.sleep(0.2)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from arm64_base import arm64_rootfs
 from edgepack.errors import InputError, IntegrityError, UnsupportedHere
 from edgepack.package.wheels import WheelFetchError, WheelsUnavailable, cache_root, fetch_wheels, request_for
 from edgepack.pipeline import build
@@ -33,7 +34,6 @@ from edgepack.spec import BuildSpec
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 HERE_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 EM_AARCH64 = 183
-DEBIAN_MIRROR = os.environ.get("EDGEPACK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 
 
 def _build(out: Path, **fields) -> Path:
@@ -267,58 +267,9 @@ def test_read_only_bundle_unpacks_into_a_temporary_folder(x86_bundle):
 
 # --- aarch64 under qemu-user -----------------------------------------------------------------------
 
-def _arm64_rootfs() -> Path:
-    """A minimal Debian bookworm arm64 tree with python3, made once and kept in the cache.
-
-    debootstrap's first stage (--foreign) needs no arm64 code to run; it unpacks only the required
-    packages, so the rest (python3 among them) is unpacked here with dpkg-deb, as its second stage
-    would do without running maintainer scripts, which a Python interpreter does not need.
-    """
-    rootfs = cache_root() / "test-rootfs" / "arm64-bookworm"
-    if (rootfs / "usr" / "bin" / "python3").exists():
-        return rootfs
-    missing = [tool for tool in ("qemu-aarch64-static", "debootstrap", "dpkg-deb") if not shutil.which(tool)]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not installed (apt-get install qemu-user-static debootstrap)")
-    if os.geteuid() != 0:
-        pytest.skip("debootstrap needs root to make the arm64 root filesystem")
-    rootfs.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".arm64-bookworm.", dir=rootfs.parent))
-    try:
-        _run_or_skip(["debootstrap", "--arch=arm64", "--variant=minbase", "--include=python3", "--foreign",
-                      "bookworm", str(temp), DEBIAN_MIRROR], "debootstrap --foreign", timeout=900)
-        debs = sorted((temp / "var" / "cache" / "apt" / "archives").glob("*.deb"))
-        for deb in debs:
-            _run_or_skip(["dpkg-deb", "-x", str(deb), str(temp)], f"dpkg-deb -x {deb.name}", timeout=120)
-            deb.unlink()
-        if not (temp / "usr" / "bin" / "python3").exists():
-            pytest.skip(f"the arm64 root filesystem has no python3 after unpacking {len(debs)} packages")
-        # onnxruntime's cpuinfo reads these at import and aborts when it cannot (sandboxed hosts hide
-        # them); qemu's -L finds them here first, so the test does not depend on the host's /sys.
-        cpu = temp / "sys" / "devices" / "system" / "cpu"
-        cpu.mkdir(parents=True, exist_ok=True)
-        for name in ("possible", "present", "online"):
-            (cpu / name).write_text(f"0-{max(os.cpu_count() or 1, 1) - 1}\n")
-        os.rename(temp, rootfs)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return rootfs
-
-
-def _run_or_skip(command: list[str], what: str, timeout: float) -> None:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"{what} did not finish within {timeout:.0f} s")
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"{what} failed (exit {done.returncode}): {last}")
-
-
 @pytest.mark.slow
 def test_aarch64_bundle_answers_under_qemu(arm_bundle, tmp_path):
-    rootfs = _arm64_rootfs()
+    rootfs = arm64_rootfs()
     root = extract_archive(arm_bundle, tmp_path)
     # -L: the guest's loader, libraries and /usr/lib/python3.11 come from the arm64 tree; no binfmt
     # registration or chroot is needed. Timings under emulation mean nothing and are discarded.

@@ -56,9 +56,8 @@ def test_the_image_runs_under_podman_and_answers_like_onnxruntime(cloud_build, p
                         session.run(None, {session.get_inputs()[0].name: rows})))
     name = cloud_build["name"]
 
+    # /v2/health/ready says 503 until the model is loaded, which takes longer on a busy machine.
     with podman_run_detached(image["archive"], ready_path="/v2/health/ready", ready_status=200) as url:
-        status, _ = http_get(url + "/v2/health/ready")
-        assert status == 200
         status, listed = http_get(url + "/v2/models")
         assert status == 200 and [m["name"] for m in json.loads(listed)["models"]] == [name]
         status, body = http_get(url + f"/v2/models/{name}")
@@ -78,5 +77,5 @@ def test_the_image_runs_under_podman_and_answers_like_onnxruntime(cloud_build, p
 
 def test_port_env_moves_the_server(cloud_build, podman_env):
     with podman_run_detached(cloud_build["image"]["archive"], port=9090, env={"PORT": "9090"},
-                             ready_path="/v2/health/ready", ready_status=200) as url:
+                             ready_path="/v2/health/ready") as url:
         assert http_get(url + "/v2/health/live")[0] == 200

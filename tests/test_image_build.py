@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,15 @@ def test_one_base_per_platform_makes_an_index_too(bases, tmp_path):
 def test_same_inputs_same_digest_and_a_new_model_changes_only_model_and_app(bases, data_dir, tmp_path, monkeypatch):
     first = _build(tmp_path / "one", bases["amd64"])
     # The second build makes its dependency layer afresh (an empty layer cache, the same locked wheels):
-    # pip install --target and the layer writer must give the same bytes again.
+    # pip install --target and the layer writer must give the same bytes again, even with this Python found at
+    # another path, which pip writes into the console scripts' shebangs.
     fresh = tmp_path / "cache"
     shutil.copytree(cache_root() / "wheels", fresh / "wheels", copy_function=os.link)
     monkeypatch.setenv("EDGEPACK_CACHE", str(fresh))
+    elsewhere = tmp_path / "elsewhere" / "bin" / "python3"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.symlink_to(sys.executable)
+    monkeypatch.setattr(sys, "executable", str(elsewhere))
     second = _build(tmp_path / "two", bases["amd64"])
     assert list((fresh / "layers").glob("deps-*.tar.gz")), "the second build did not make its own deps layer"
     assert second.image.digest == first.image.digest

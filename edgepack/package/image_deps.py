@@ -25,7 +25,8 @@ from edgepack.package.wheels import WheelFetchError, WheelRequest, WheelSet, cac
 
 DEPS_DIR = "/opt/edgepack/deps"
 # Bump when the rules that turn wheels into the layer change, so old cached layers are not reused.
-_LAYER_FORMAT = 1
+# 2: RECORD files no longer list the console scripts left out of the layer.
+_LAYER_FORMAT = 2
 _INSTALL_TIMEOUT_S = 600
 
 
@@ -91,11 +92,23 @@ def _make_layer(wheels: WheelSet, target: Path, show_pip: bool) -> Blob:
         _pip_install(wheels, links, installed, show_pip)
         entries = LayerEntries()
         # bin/ holds console scripts whose shebang names this host's Python; the image runs `python3 -m`.
+        _drop_records_outside(installed)
         entries.add_tree(installed, DEPS_DIR, skip=("bin",))
         partial = Path(temp) / "layer.tar.gz"
         blob = write_layer(entries, partial, source_date_epoch())
         os.replace(partial, target)
     return blob
+
+
+def _drop_records_outside(installed: Path) -> None:
+    """RECORD lists, as ``../../bin/NAME``, the console scripts that stay out of the layer, with the digest and size
+    of each: their shebang is the path of the Python that ran pip, so the layer's bytes (and the image's digest)
+    would change with it. Only those lines go; the others keep their bytes."""
+    for record in sorted(installed.glob("*.dist-info/RECORD")):
+        text = record.read_bytes()
+        kept = b"".join(line for line in text.splitlines(keepends=True) if not line.lstrip(b'"').startswith(b"../"))
+        if kept != text:
+            record.write_bytes(kept)
 
 
 def _pip_install(wheels: WheelSet, links: Path, dest: Path, show_pip: bool) -> None:
