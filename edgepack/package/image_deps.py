@@ -25,7 +25,7 @@ from edgepack.package.wheels import WheelFetchError, WheelRequest, WheelSet, cac
 
 DEPS_DIR = "/opt/edgepack/deps"
 # Bump when the rules that turn wheels into the layer change, so old cached layers are not reused.
-_LAYER_FORMAT = 1
+_LAYER_FORMAT = 2
 _INSTALL_TIMEOUT_S = 600
 
 
@@ -89,6 +89,7 @@ def _make_layer(wheels: WheelSet, target: Path, show_pip: bool) -> Blob:
             except OSError:
                 (links / name).write_bytes(data)
         _pip_install(wheels, links, installed, show_pip)
+        _forget_scripts(installed)
         entries = LayerEntries()
         # bin/ holds console scripts whose shebang names this host's Python; the image runs `python3 -m`.
         entries.add_tree(installed, DEPS_DIR, skip=("bin",))
@@ -96,6 +97,17 @@ def _make_layer(wheels: WheelSet, target: Path, show_pip: bool) -> Blob:
         blob = write_layer(entries, partial, source_date_epoch())
         os.replace(partial, target)
     return blob
+
+
+def _forget_scripts(site: Path) -> None:
+    """Drop the RECORD lines of the scripts in bin/, which the layer leaves out: they hold the hash of a
+    shebang naming the Python that ran pip (python or python3, a venv), so the same wheels made layers of
+    other bytes, and other image digests, depending on how edgepack was started."""
+    for record in sorted(site.glob("*.dist-info/RECORD")):
+        lines = record.read_bytes().splitlines(keepends=True)  # bytes: pip ends them with \r\n, kept as is
+        kept = [line for line in lines if not line.lstrip(b'"').startswith(b"../")]  # paths outside the site
+        if kept != lines:
+            record.write_bytes(b"".join(kept))
 
 
 def _pip_install(wheels: WheelSet, links: Path, dest: Path, show_pip: bool) -> None:
