@@ -130,6 +130,38 @@ def test_same_inputs_same_digest_and_a_new_model_changes_only_model_and_app(base
     assert other.image.digest != first.image.digest
 
 
+_DEPS_LAYER = """
+import sys
+from edgepack.bench.profiles import resolve_profile
+from edgepack.package.image_deps import deps_layer
+from edgepack.package.wheels import WheelRequest
+
+request = WheelRequest(arch="x86_64", python="3.11", onnxruntime=resolve_profile("cloud").onnxruntime.version,
+                       serve=True)
+print(deps_layer(request)[1].digest)
+"""
+
+
+def test_the_deps_layer_is_the_same_whichever_python_name_starts_edgepack(tmp_path):
+    # pip writes console scripts whose shebang names the Python running it (python, python3, a venv's);
+    # their lines in RECORD once made the layer's bytes depend on it.
+    link = tmp_path / "bin" / "python-by-another-name"
+    link.parent.mkdir()
+    link.symlink_to(sys.executable)
+    digests = []
+    for python in (sys.executable, str(link)):
+        cache = tmp_path / f"cache-{len(digests)}"
+        shutil.copytree(cache_root() / "wheels", cache / "wheels", copy_function=os.link)
+        done = subprocess.run([python, "-c", _DEPS_LAYER], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "EDGEPACK_CACHE": str(cache),
+                                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        if done.returncode != 0 and "WheelFetchError" in done.stderr:
+            pytest.skip(f"cannot fetch wheels: {done.stderr.strip().splitlines()[-1]}")
+        assert done.returncode == 0, done.stderr
+        digests.append(done.stdout.strip())
+    assert digests[0] == digests[1] and digests[0].startswith("sha256:")
+
+
 def test_max_image_mb_fails_before_anything_is_written(bases, tmp_path):
     out = tmp_path / "dist"
     result = CliRunner().invoke(app, ["build", str(MODEL), "--sample", str(SAMPLE), "--target", "cloud", "--quantize",

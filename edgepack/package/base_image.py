@@ -94,7 +94,7 @@ def python_file(name: str) -> bool:
 def open_base(spec: str, timeout: float = 30.0, insecure: bool = False) -> list[BaseImage]:
     """Every platform image ``spec`` provides."""
     if spec.startswith("oci:"):
-        path, tag = _split_tag(spec[len("oci:"):])
+        path, tag = split_tag(spec[len("oci:"):])
         return _oci_layout(spec, Path(path), tag)
     if spec.startswith("docker-archive:"):
         return _docker_archive(spec, Path(spec[len("docker-archive:"):]))
@@ -103,7 +103,7 @@ def open_base(spec: str, timeout: float = 30.0, insecure: bool = False) -> list[
     return pull_base(spec.removeprefix("docker://"), timeout=timeout, insecure=insecure)
 
 
-def _split_tag(text: str) -> tuple[str, str | None]:
+def split_tag(text: str) -> tuple[str, str | None]:
     """``PATH[:TAG]``: a colon after the last '/' starts the tag, as in skopeo."""
     head, sep, tail = text.rpartition(":")
     if sep and "/" not in tail and head:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,11 +22,11 @@ from typing import Any
 
 from edgepack.bench.profiles import host_arch
 from edgepack.errors import BudgetExceeded, ImageError, IntegrityError
-from edgepack.package.base_image import BaseImage, Platform, open_base, python_file
-from edgepack.package.builders import builder_for
+from edgepack.package.base_image import BaseImage, Platform, open_base, python_file, split_tag
+from edgepack.package.builders import EngineBuild, builder_for
 from edgepack.package.bundle import LAUNCHER_NAME, source_date_epoch, write_atomic
 from edgepack.package.docker_archive import write_docker_archive
-from edgepack.package.dockerfile import dockerfile_text, write_context
+from edgepack.package.dockerfile import base_args, dockerfile_text, write_context
 from edgepack.package.image_config import APP_DIR, image_config, image_env, image_labels
 from edgepack.package.image_deps import DEPS_DIR, deps_layer
 from edgepack.package.oci import (OCI_INDEX, OCI_MANIFEST, REF_NAME, Blob, BlobStore, LayerEntries, LayerScan,
@@ -103,6 +104,7 @@ class ImageBuild:
         self.images: list[_Platformed] = []
         self.outputs: dict[str, Path] = {}
         self.result: ImageResult | None = None
+        self.engine_request: EngineBuild | None = None
 
     def discard(self) -> None:
         if self.staging is not None:
@@ -253,8 +255,7 @@ class ImageBuild:
         bases = {i.platform.architecture: _from_reference(i.base) for i in self.images}
         _, env = image_env([], DEPS_DIR)
         config = image_config(self.images[0].base, [], {}, created, DEPS_DIR, [])["config"]
-        dockerfile = dockerfile_text(bases, env, labels_of[self.images[0].platform.architecture], config, DEPS_DIR,
-                                     APP_DIR)
+        dockerfile = dockerfile_text(bases, env, labels_of, config, DEPS_DIR, APP_DIR)
         write_atomic(self.staging / "Dockerfile", dockerfile.encode())
         write_context(self.staging / "context", self.store,
                       {i.platform.architecture: i.deps[1].digest for i in self.images},
@@ -263,6 +264,14 @@ class ImageBuild:
         self.outputs = {"layout": self.out / f"{stem}.oci", "archive": self.out / f"{stem}.image.tar",
                         "dockerfile": self.out / f"{stem}.Dockerfile", "context": self.out / f"{stem}.context",
                         "sbom": self.out / f"{stem}.sbom.cdx.json"}
+        first_labels = labels_of[self.images[0].platform.architecture]
+        # The engine's manifest annotations are the native manifest's (its labels), where all platforms agree.
+        self.engine_request = EngineBuild(
+            dockerfile=self.outputs["dockerfile"], context=self.outputs["context"], tag=repo_tag,
+            platforms=tuple(_with_variant(i.platform) for i in self.images), base_args=base_args(bases),
+            annotations={key: value for key, value in first_labels.items()
+                         if all(labels.get(key) == value for labels in labels_of.values())},
+            timestamp=mtime)
         self.result = ImageResult(
             ref=repo_tag, tag=tag, digest=top["digest"], media_type=top["mediaType"], layout=self.outputs["layout"],
             archive=self.outputs["archive"], archive_platform=str(archive_image.platform),
@@ -292,7 +301,7 @@ class ImageBuild:
 
     def publish(self) -> ImageResult:
         """Every output under its final name (each rename atomic), then the engine build if one was asked."""
-        assert self.result is not None and self.staging is not None
+        assert self.result is not None and self.staging is not None and self.engine_request is not None
         replace_dir(self.staging / "layout", self.outputs["layout"])
         replace_dir(self.staging / "context", self.outputs["context"])
         for key, staged in (("archive", "image.tar"), ("dockerfile", "Dockerfile"), ("sbom", "sbom.cdx.json")):
@@ -300,8 +309,7 @@ class ImageBuild:
         self.discard()
         if self.builder.name != "native":
             self._say("start", "engine", f"Building {self.result.ref} with {self.builder.name}")
-            self.result.engine_image = self.builder.build(self.outputs["dockerfile"], self.outputs["context"],
-                                                          self.result.ref, [str(i.platform) for i in self.images])
+            self.result.engine_image = self.builder.build(self.engine_request)
             self._say("finish", "engine", f"{self.builder.name}: {self.result.engine_image}")
         layout, archive = self.outputs["layout"], self.outputs["archive"]
         self.result.next_steps = [f"podman load -i {archive}   # or docker load -i",
@@ -337,12 +345,20 @@ def _scan_base_layer(path: Path, digest: str, source: str) -> LayerScan:
     write_atomic(record, json.dumps({"diff_id": scan.diff_id, "uncompressed_size": scan.uncompressed_size,
                                      "names": list(scan.names)}, sort_keys=True).encode())
     return scan
+def _with_variant(platform: Platform) -> str:
+    """linux/arm64/v8: an engine then records the variant, as the native index does."""
+    oci = platform.oci()
+    return "/".join(part for part in (oci["os"], oci["architecture"], oci.get("variant")) if part)
 
 
 def _from_reference(base: BaseImage) -> str:
-    """How a Dockerfile names the base: registry images pinned by digest, local ones as given."""
-    if base.source.startswith(("oci:", "docker-archive:")):
-        return base.source
+    """How a Dockerfile names the base: registry images pinned by digest, local ones by absolute path (an
+    engine reads a relative one from its own working folder, not the caller's)."""
+    if base.source.startswith("oci:"):
+        path, tag = split_tag(base.source[len("oci:"):])
+        return f"oci:{os.path.abspath(path)}" + (f":{tag}" if tag else "")
+    if base.source.startswith("docker-archive:"):
+        return f"docker-archive:{os.path.abspath(base.source[len('docker-archive:'):])}"
     name = base.name.split("@")[0]
     head, sep, tail = name.rpartition(":")
     return f"{head if sep and '/' not in tail else name}@{base.digest}"
