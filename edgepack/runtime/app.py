@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -20,6 +21,7 @@ from . import v2
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .models import Registry
+from .prediction_log import PredictionLog, digest, outputs_field, tensors
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -48,18 +50,28 @@ class _Disconnected(Exception):
 class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
-    __slots__ = ("endpoint", "model")
+    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "shadow", "error")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
         self.model = ""
+        self.request_id = ""
+        self.version: str | None = None
+        self.feed: dict[str, Any] | None = None  # the parsed inputs, once accepted
+        self.outputs: dict[str, Any] | None = None
+        self.shadow: str | None = None
+        self.error: str | None = None
 
 
 class App:
-    def __init__(self, registry: Registry, metrics: ServerMetrics, settings: AppSettings) -> None:
+    def __init__(self, registry: Registry, metrics: ServerMetrics, settings: AppSettings,
+                 log: PredictionLog | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.settings = settings
+        self.log = log
+        # Request ids are only worth finding (or making) when something records them.
+        self.tracing = log is not None or any(route.mode != "single" for route in registry)
         self._server_metadata = orjson.dumps({"name": "edgepack", "version": settings.server_version,
                                               "extensions": list(v2.EXTENSIONS)})
 
@@ -76,6 +88,10 @@ class App:
         status = 499  # client closed the request, as nginx counts it
         try:
             status, body, headers = await self._answer(call, scope, receive)
+            if self.log is not None and call.endpoint in _INFERENCE:
+                # Written before the answer is sent: an acknowledged request always has its line.
+                self._log(call, scope, status, time.perf_counter() - started)
+                headers.append((b"x-request-id", call.request_id.encode()))
             await send({"type": "http.response.start", "status": status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -92,22 +108,45 @@ class App:
                 print(f'{client[0]}:{client[1]} "{scope["method"]} {scope["path"]}" {status} '
                       f"{elapsed * 1000:.2f} ms", file=sys.stderr, flush=True)
 
+    def _log(self, call: _Call, scope: dict[str, Any], status: int, elapsed: float) -> None:
+        """One prediction log line (see README "Prediction log"): inputs sampled, and always kept
+        for a failed run so it can be replayed; outputs themselves when small, else a digest."""
+        if not call.request_id:  # refused before the request id was known (bad JSON, 404...)
+            call.request_id = _request_id(scope)
+        record: dict[str, Any] = {"id": call.request_id, "time": round(time.time(), 6), "model": call.model,
+                                  "version": call.version, "role": "primary", "endpoint": call.endpoint,
+                                  "status": status, "latency_ms": elapsed * 1000}
+        if call.feed is not None:
+            record["inputs_sha256"] = digest(call.feed)
+            if status >= 500 or self.log.sampled():  # type: ignore[union-attr]
+                record["inputs"] = tensors(call.feed)
+        if call.outputs is not None:
+            record.update(outputs_field(call.outputs))
+        if call.shadow is not None:
+            record["shadow"] = call.shadow
+        if call.error is not None:
+            record["error"] = call.error
+        self.log.write(record)  # type: ignore[union-attr]
+
     async def _answer(self, call: _Call, scope: dict[str, Any], receive: Receive) -> tuple[int, bytes, list]:
         try:
             return await self._dispatch(call, scope, receive)
         except RequestError as err:
+            call.error = err.one_line()
             headers = [(b"content-type", _JSON)]
             if err.status == 405:
                 allowed = b"POST" if call.endpoint in _POST_ENDPOINTS else b"GET"
                 headers.append((b"allow", allowed))
             return err.status, _error(err), headers
         except InferenceFailed as err:
+            call.error = err.one_line()
             print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
             return 500, _error(err), [(b"content-type", _JSON)]
         except _Disconnected:
             raise
         except Exception as err:  # noqa: BLE001 - a bug must cost one request, not the server
             where = traceback.extract_tb(err.__traceback__)[-1]
+            call.error = f"internal error: {type(err).__name__}: {err}"
             print(f"internal error: {type(err).__name__}: {err} at {where.filename}:{where.lineno} "
                   f"({scope['method']} {scope['path']})", file=sys.stderr, flush=True)
             return 500, orjson.dumps({"error": f"internal error: {type(err).__name__}: {err}"}), [(b"content-type", _JSON)]
@@ -127,7 +166,11 @@ class App:
             call.model = route.name
             body, headers = await self._body(scope, receive)
             request = v2.parse_infer(body, _header_length(headers), route.signature, self.settings.allow_nonfinite)
-            answer = await route.infer(list(request.outputs), request.inputs)
+            if self.tracing:
+                call.request_id = request.id or _request_id(scope)
+                call.feed = request.inputs
+            answer = await route.infer(list(request.outputs), request.inputs, call.request_id)
+            call.version, call.outputs, call.shadow = answer.version, answer.outputs, answer.shadow
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
             if json_length is None:
@@ -139,7 +182,11 @@ class App:
             call.model = route.name
             body, _ = await self._body(scope, receive)
             feed = v2.parse_predict(body, route.signature, self.settings.allow_nonfinite)
-            answer = await route.infer(None, feed)
+            if self.tracing:
+                call.request_id = _request_id(scope)
+                call.feed = feed
+            answer = await route.infer(None, feed, call.request_id)
+            call.version, call.outputs, call.shadow = answer.version, answer.outputs, answer.shadow
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
         if endpoint == "metrics":
@@ -193,6 +240,14 @@ class App:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
+
+
+def _request_id(scope: dict[str, Any]) -> str:
+    """The client's X-Request-Id, else a fresh one (the v2 body's "id" wins over both)."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            return value.decode("latin-1")[:200]
+    return uuid.uuid4().hex
 
 
 def _too_large(limit: int) -> RequestError:

@@ -96,9 +96,25 @@ class ServerMetrics:
         self.in_flight.set(0)
         self.ready = Gauge("edgepack_model_ready", "1 once the model's session exists and a warm-up ran.",
                            ("model", "version"))
+        # Shadow mode (model: the primary's name; version: the candidate's).
+        self.shadow_requests = Counter("edgepack_shadow_requests_total",
+                                       "Requests the shadow candidate ran (or failed on).", ("model", "version"))
+        self.shadow_dropped = Counter("edgepack_shadow_dropped_total",
+                                      "Shadow runs dropped because the shadow queue was full.", ("model", "version"))
+        self.shadow_errors = Counter("edgepack_shadow_errors_total",
+                                     "Shadow runs where the candidate failed (the primary answered anyway).",
+                                     ("model", "version"))
+        self.shadow_agreement = Counter("edgepack_shadow_agreement_total",
+                                        "Rows whose labels the candidate agreed or disagreed on with the primary.",
+                                        ("model", "version", "result"))
+        self.shadow_latency = Histogram("edgepack_shadow_run_duration_seconds",
+                                        "The shadow candidate's session.run, in seconds.", ("model", "version"))
+        self.shadow = False
 
     def exposition(self) -> bytes:
         lines: list[str] = []
-        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready):
+        shadow = (self.shadow_requests, self.shadow_dropped, self.shadow_errors, self.shadow_agreement,
+                  self.shadow_latency) if self.shadow else ()
+        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready, *shadow):
             lines += metric.lines()
         return ("\n".join(lines) + "\n").encode()

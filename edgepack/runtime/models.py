@@ -1,8 +1,8 @@
 """What the HTTP layer talks to: a registry of model names, each behind a route to loaded models.
 
 The app asks the registry for a route by name and calls ``route.infer``; it never touches a
-session. Today the only route is ``SingleRoute`` (one model answers); a shadow or phased route
-offers the same face (``infer``, ``metadata``, ``ready``, ``load``) and decides per request which
+session. ``SingleRoute`` has one model answer; ``shadow.ShadowRoute`` adds a candidate run off
+the request's path; a phased route will offer the same face (``infer``, ``metadata``, ``ready``, ``load``) and decides per request which
 model(s) run and which one answers; ``Answer.version`` tells the client which did.
 """
 
@@ -162,6 +162,7 @@ class Answer:
     version: str  # the version that answered
     outputs: dict[str, np.ndarray]
     run_s: float
+    shadow: str | None = None  # shadow mode: "queued" or "dropped" (the queue was full)
 
 
 class SingleRoute:
@@ -194,7 +195,8 @@ class SingleRoute:
         """Blocking: runs in a thread while the server already answers liveness."""
         self.model = ServedModel(self.spec, self.placement)
 
-    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> Answer:
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "") -> Answer:
+        """``request_id`` ties what a shadow or phased route logs to the request's primary line."""
         if self.model is None:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
         outputs, run_s = await self.model.infer(names, feed)

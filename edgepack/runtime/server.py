@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -41,17 +41,33 @@ class ServeSettings:
     access_log: bool = False
     placement: str = "auto"  # where inference runs: auto, loop or thread (see models.INLINE_BUDGET_S)
     threads: int | None = None  # onnxruntime intra-op threads; None: the bundle's target profile's
+    log_dir: Path | None = None  # the prediction log's folder; None: no log
+    log_sample_rate: float = 0.01
+    log_max_mb: float = 64.0
+    log_keep: int = 5
+    shadow: Path | None = None  # a candidate bundle (folder or archive) run in shadow of the served one
+    shadow_queue: int = 64
 
 
 def serve_path(path: Path, settings: ServeSettings, server_version: str | None = None) -> None:
-    """Serve a bundle folder, or a bundle archive verified and unpacked into a temporary folder."""
+    """Serve a bundle folder, or a bundle archive verified and unpacked into a temporary folder
+    (the same for a --shadow candidate)."""
+    with ExitStack() as stack:
+        root = _unpacked(path, stack, "")
+        if settings.shadow is not None:
+            from dataclasses import replace
+
+            settings = replace(settings, shadow=_unpacked(settings.shadow, stack, "--shadow "))
+        serve(root, settings, server_version)
+
+
+def _unpacked(path: Path, stack: ExitStack, flag: str) -> Path:
     if path.is_dir():
-        serve(path, settings, server_version)
-        return
+        return path
     if not path.is_file():
-        raise InputError(f"{path}: no such bundle", "give a bundle .tar.gz or an unpacked bundle folder")
-    with tempfile.TemporaryDirectory(prefix="edgepack-serve-") as tmp:
-        serve(extract_archive(path, Path(tmp)), settings, server_version)
+        raise InputError(f"{flag}{path}: no such bundle", "give a bundle .tar.gz or an unpacked bundle folder")
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgepack-serve-"))
+    return extract_archive(path, Path(tmp))
 
 
 def serve(root: Path, settings: ServeSettings, server_version: str | None = None) -> None:
@@ -59,6 +75,12 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
     started = time.perf_counter()
     loop, http = _http_stack()
     manifest = verify_dir(root).manifest
+    candidate_manifest = None
+    if settings.shadow is not None:
+        if not settings.shadow.is_dir():
+            raise InputError(f"--shadow {settings.shadow}: no such bundle folder",
+                             "give an unpacked bundle folder (edgepack serve also takes a .tar.gz)")
+        candidate_manifest = verify_dir(settings.shadow).manifest  # both verified before anything starts
     if settings.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 8")
     import uvicorn
@@ -67,12 +89,26 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
     from .metrics import ServerMetrics
     from .models import ModelSpec, Registry, SingleRoute
 
-    registry = Registry()
-    registry.add(SingleRoute(ModelSpec.from_bundle(root, manifest, settings.threads), settings.placement))
+    from .prediction_log import PredictionLog
+
     metrics = ServerMetrics()
+    log = None
+    if settings.log_dir is not None:
+        log = PredictionLog(settings.log_dir, settings.log_sample_rate, settings.log_max_mb, settings.log_keep)
+    registry = Registry()
+    spec = ModelSpec.from_bundle(root, manifest, settings.threads)
+    if candidate_manifest is None:
+        registry.add(SingleRoute(spec, settings.placement))
+    else:
+        from .shadow import ShadowRoute
+
+        # One intra-op thread for the candidate: it shares the host with the primary, which must not slow down.
+        candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
+        registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))
+        metrics.shadow = True
     version = server_version or (manifest.get("created_by") or {}).get("edgepack", "unknown")
     app = App(registry, metrics, AppSettings(int(settings.max_body_mb * 2**20), settings.allow_nonfinite,
-                                             settings.access_log, version))
+                                             settings.access_log, version), log)
     sock = _listen(settings.host, settings.port)
     config = uvicorn.Config(app, loop=loop, http=http, ws="none", interface="asgi3", lifespan="on",
                             log_config=None, log_level="warning", access_log=False, proxy_headers=False,
@@ -90,6 +126,8 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
             pass
     for route in registry:
         route.close()
+    if log is not None:
+        log.close()
     if failures:
         raise failures[0]
     print(f"stopped serving {manifest['name']} {manifest['version']}", file=sys.stderr, flush=True)
@@ -111,6 +149,10 @@ def _load(registry, metrics, server, failures: list[EdgepackError], address: str
         print(f"serving {route.name} {route.spec.version} on {address} (ready in "
               f"{time.perf_counter() - started:.2f} s; one row runs in {model.warm_run_s * 1000:.3f} ms, "
               f"inference {model.where()})", file=sys.stderr, flush=True)
+        candidate = getattr(route, "candidate", None)
+        if candidate is not None:
+            print(f"shadowing {route.name} with {candidate.spec.name} {candidate.spec.version} (one row runs in "
+                  f"{candidate.warm_run_s * 1000:.3f} ms, off the request's path)", file=sys.stderr, flush=True)
 
 
 def _http_stack() -> tuple[str, str]:
@@ -180,10 +222,24 @@ def _parser(default_host: str) -> argparse.ArgumentParser:
     parser.add_argument("--allow-nonfinite", action="store_true", help="accept NaN and infinity in float inputs")
     parser.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the bundle's target)")
+    add_log_and_shadow_flags(parser)
     parser.add_argument("--inference", choices=("auto", "loop", "thread"), default="auto",
                         help="where session.run runs: on the event loop, in threads, or auto (the loop when the run "
                              "is expected to take under 1 ms with one worker thread, 0.2 ms with several)")
     return parser
+
+
+def add_log_and_shadow_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-dir", type=Path, help="write the prediction log (JSON lines) into this folder")
+    parser.add_argument("--log-sample-rate", type=float, default=ServeSettings.log_sample_rate,
+                        help="share of requests whose inputs are logged in full (default: 0.01; failed runs always)")
+    parser.add_argument("--log-max-mb", type=float, default=ServeSettings.log_max_mb,
+                        help="rotate the log file past this size (default: 64)")
+    parser.add_argument("--log-keep", type=int, default=ServeSettings.log_keep,
+                        help="log files kept, the current one included (default: 5)")
+    parser.add_argument("--shadow", type=Path, help="a candidate bundle folder to run in shadow of this one")
+    parser.add_argument("--shadow-queue", type=int, default=ServeSettings.shadow_queue,
+                        help="shadow runs waiting at most; past it they are dropped and counted (default: 64)")
 
 
 def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
@@ -195,6 +251,12 @@ def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
             raise InputError(f"PORT={text!r} is not a port number", "set PORT to a number such as 8080, or pass --port")
         port = int(text)
     settings = ServeSettings(args.host, port, args.max_body_mb, args.allow_nonfinite, args.access_log,
-                             args.inference, args.threads)
-    serve(args.bundle or root, settings)
+                             args.inference, args.threads, args.log_dir, args.log_sample_rate, args.log_max_mb,
+                             args.log_keep, args.shadow, args.shadow_queue)
+    with ExitStack() as stack:
+        if settings.shadow is not None:
+            from dataclasses import replace
+
+            settings = replace(settings, shadow=_unpacked(settings.shadow, stack, "--shadow "))
+        serve(args.bundle or root, settings)
     return 0
