@@ -12,9 +12,6 @@ image is that tree as one layer, tarred here and written with edgepack's own OCI
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
 import os
 import shutil
@@ -24,13 +21,12 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Iterator
 
 import pytest
 
 from containers import locked
-from edgepack.package.oci import (GZIP_LEVEL, OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, REF_NAME, Blob, BlobStore,
-                                  write_layout)
+from edgepack.package.oci import OCI_CONFIG, OCI_MANIFEST, REF_NAME, Blob, BlobStore, write_layout, write_tar_layer
 from edgepack.package.wheels import cache_root
 
 DEBIAN_MIRROR = os.environ.get("EDGEPACK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -156,41 +152,21 @@ def _write_layout(rootfs: Path, final: Path) -> None:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-class _Hashing(io.RawIOBase):
-    """Passes writes on to ``sink``, keeping their sha256 and length: one pass gives diff_id and digest."""
-
-    def __init__(self, sink: BinaryIO | Any) -> None:
-        self.sink, self.hasher, self.count = sink, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.hasher.update(view)
-        self.count += len(view)
-        self.sink.write(view)
-        return len(view)
-
-
 def _tar_tree(rootfs: Path, target: Path) -> Blob:
     """The tree as a gzip layer. edgepack's LayerEntries takes only plain files and folders; a Debian tree
     has links (symbolic and hard), setuid files and a sticky /tmp, which tarfile keeps as they are."""
-    with open(target, "wb") as raw:
-        compressed = _Hashing(raw)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=GZIP_LEVEL) as zipped:
-            plain = _Hashing(zipped)
-            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[arg-type]
-                for path, name in _walk(rootfs):
-                    info = archive.gettarinfo(str(path), name)  # a second path to an inode becomes a hard link
-                    info.uname = info.gname = ""  # numeric owners: the host's names mean nothing in the image
-                    if info.isreg():
-                        with open(path, "rb") as handle:
-                            archive.addfile(info, handle)
-                    else:
-                        archive.addfile(info)
-    return Blob("sha256:" + compressed.hasher.hexdigest(), compressed.count, OCI_LAYER_GZIP,
-                "sha256:" + plain.hasher.hexdigest(), plain.count)
+
+    def add(archive: tarfile.TarFile) -> None:
+        for path, name in _walk(rootfs):
+            info = archive.gettarinfo(str(path), name)  # a second path to an inode becomes a hard link
+            info.uname = info.gname = ""  # numeric owners: the host's names mean nothing in the image
+            if info.isreg():
+                with open(path, "rb") as handle:
+                    archive.addfile(info, handle)
+            else:
+                archive.addfile(info)
+
+    return write_tar_layer(target, add)
 
 
 def _walk(rootfs: Path) -> Iterator[tuple[Path, str]]:

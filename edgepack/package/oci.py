@@ -19,7 +19,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Iterable, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Union
 
 from edgepack.errors import IntegrityError, InputError
 
@@ -203,25 +203,37 @@ class LayerEntries:
 
 def write_layer(entries: LayerEntries, target: Path, mtime: int) -> Blob:
     """A deterministic gzip layer at ``target``; its digest, size, diff_id and tar size."""
+
+    def add(archive: tarfile.TarFile) -> None:
+        for name, content, mode in entries.sorted_entries():
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "", ""
+            info.mode = mode
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                archive.addfile(info)
+            elif isinstance(content, bytes):
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+            else:
+                info.size = content.stat().st_size
+                with open(content, "rb") as handle:
+                    archive.addfile(info, handle)
+
+    return write_tar_layer(target, add)
+
+
+def write_tar_layer(target: Path, add: Callable[[tarfile.TarFile], None]) -> Blob:
+    """A gzip layer at ``target`` holding what ``add`` puts in the tar; one pass gives digest and diff_id.
+
+    gzip without name or time, so the bytes depend only on the tar ``add`` writes.
+    """
     with open(target, "wb") as raw:
         compressed = _Digesting(raw)
         with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=GZIP_LEVEL) as zipped:
             tar_stream = _Digesting(zipped)  # type: ignore[arg-type]
             with tarfile.open(fileobj=tar_stream, mode="w|", format=tarfile.PAX_FORMAT) as archive:  # type: ignore[arg-type]
-                for name, content, mode in entries.sorted_entries():
-                    info = tarfile.TarInfo(name)
-                    info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "", ""
-                    info.mode = mode
-                    if content is None:
-                        info.type = tarfile.DIRTYPE
-                        archive.addfile(info)
-                    elif isinstance(content, bytes):
-                        info.size = len(content)
-                        archive.addfile(info, io.BytesIO(content))
-                    else:
-                        info.size = content.stat().st_size
-                        with open(content, "rb") as handle:
-                            archive.addfile(info, handle)
+                add(archive)
     return Blob("sha256:" + compressed.hasher.hexdigest(), compressed.count, OCI_LAYER_GZIP,
                 "sha256:" + tar_stream.hasher.hexdigest(), tar_stream.count)
 
