@@ -28,7 +28,9 @@ def check_bench(report: dict[str, Any] | None, budgets: Budgets, profile: Profil
     """p99 and peak memory of every configuration of a benchmark report (none when it was not measured)."""
     if not report:
         return
-    configurations = report.get("results", [report])
+    from edgepack.bench.runner import results
+
+    configurations = results(report)
     for one in configurations:
         where = profile.name
         if len(configurations) > 1:

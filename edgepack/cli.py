@@ -244,13 +244,12 @@ def verify(
 
 
 def _sizes(text: str, flag: str) -> tuple[int, ...]:
+    from edgepack.runtime.bench import parse_sizes
+
     try:
-        values = tuple(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"{flag} {text!r}: expected positive whole numbers, e.g. 1 or 1,8,32")
-    return values
+        return tuple(parse_sizes(text, flag))
+    except InputError as err:  # a flag's value: a usage error here, before any bundle is opened
+        raise typer.BadParameter(str(err)) from None
 
 
 @app.command()

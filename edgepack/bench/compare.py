@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgepack.bench.runner import results
 from edgepack.errors import BudgetExceeded, InputError
 from edgepack.runtime.repeat import t975
 
@@ -120,9 +121,8 @@ def load_reports(path: Path) -> list[dict[str, Any]]:
 
 
 def _configs(data: Any) -> list[dict[str, Any]]:
-    if isinstance(data, dict):
-        return list(data["results"]) if "results" in data else [data]
-    return []
+    """A report's configurations (see ``runner.results``); nothing when the file holds no report object."""
+    return list(results(data)) if isinstance(data, dict) else []
 
 
 def compare_files(old: Path, new: Path, min_change: float = DEFAULT_MIN_CHANGE,

@@ -28,22 +28,26 @@ _SLACK_S = 120  # start-up and cold start on top of the loop's own time budget
 
 @dataclass(frozen=True)
 class BenchSettings:
-    batch: int = 1
     loop: LoopConfig = LoopConfig()
     # Sweeps and repeats for `edgepack bench`; a build's variant timing uses one of each.
-    batches: tuple[int, ...] = ()  # empty: (batch,)
+    batches: tuple[int, ...] = (1,)
     concurrency: tuple[int, ...] = (1,)
     processes: int = 1  # fresh processes per configuration; the p50 interval is taken between them
 
     @classmethod
     def timed(cls, seconds: float, batch: int = 1, batches: tuple[int, ...] = (), concurrency: tuple[int, ...] = (1,),
               processes: int = 1) -> "BenchSettings":
-        return cls(batch=batches[0] if batches else batch, loop=replace(LoopConfig(), min_time_s=seconds),
-                   batches=batches, concurrency=concurrency, processes=processes)
+        return cls(loop=replace(LoopConfig(), min_time_s=seconds), batches=batches or (batch,),
+                   concurrency=concurrency, processes=processes)
+
+    @property
+    def batch(self) -> int:
+        """The batch of single-configuration timings (a build's variants)."""
+        return self.batches[0]
 
     @property
     def configurations(self) -> int:
-        return len(self.batches or (self.batch,)) * len(self.concurrency)
+        return len(self.batches) * len(self.concurrency)
 
     def timeout_s(self) -> float:
         """How long the whole benchmark may take: every process starts, warms up and runs its share."""
@@ -105,7 +109,7 @@ def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> d
 
 def bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
     """``runtime.bench`` flags for a profile's limits and the loop: the same here and on a device."""
-    batches = ",".join(map(str, settings.batches or (settings.batch,)))
+    batches = ",".join(map(str, settings.batches))
     args = ["--threads", str(profile.onnxruntime.threads), "--cpus", str(profile.cpus),
             "--batch", batches, "--concurrency", ",".join(map(str, settings.concurrency)),
             "--processes", str(settings.processes), "--warmup-runs", str(settings.loop.warmup_runs),

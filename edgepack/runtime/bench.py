@@ -278,7 +278,8 @@ def _outside(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return tuple(outside)
 
 
-def _sizes(text: str, flag: str) -> list[int]:
+def parse_sizes(text: str, flag: str) -> list[int]:
+    """``1`` or ``1,8,32``: positive whole numbers, duplicates dropped, order kept."""
     try:
         values = [int(part) for part in str(text).split(",") if part.strip()]
     except ValueError:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ignored = {"ignored_flags": unknown} if unknown else {}
     try:
         outside = _outside(args)
-        batches, concurrency = _sizes(args.batch, "--batch"), _sizes(args.concurrency, "--concurrency")
+        batches, concurrency = parse_sizes(args.batch, "--batch"), parse_sizes(args.concurrency, "--concurrency")
         if args.processes < 1:
             raise InputError(f"--processes {args.processes}: expected 1 or more", "fix the flag")
         if args.compare:
