@@ -13,24 +13,20 @@ import hashlib
 import json
 import os
 import tarfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
 import containers
 from cli_checks import assert_one_line_error
-from containers import http_get, podman, podman_run_detached, skopeo
+from containers import podman, podman_run_detached, skopeo
 from edgepack.cli import app
 from edgepack.errors import ImageError
 from edgepack.package.builders import EngineBuild, PodmanBuilder
-from edgepack.runtime.bundle import extract_archive
 from oci_bases import make_base
+from v2_checks import assert_infer_like_onnxruntime
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MODEL, SAMPLE = EXAMPLES / "digits_mlp.skops", EXAMPLES / "digits_sample.npy"
@@ -71,45 +67,14 @@ def engine_build(python_base_layout, tmp_path_factory):
     assert podman("image", "exists", image_id, check=False).returncode == 1, f"{image_id} was left in the store"
 
 
-def _wait_until_ready(url: str, timeout_s: float = 60) -> None:
-    """podman_run_detached yields at the first answer: a 503 while the model still loads in its thread."""
-    deadline = time.monotonic() + timeout_s
-    while (status := http_get(url + "/v2/health/ready")[0]) != 200:
-        assert status == 503 and time.monotonic() < deadline, f"/v2/health/ready answered {status}"
-        time.sleep(0.1)
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 @pytest.mark.slow
 def test_the_engine_image_answers_v2_infer_like_onnxruntime(engine_build, podman_env, tmp_path):
     image_id, name = engine_build["image"]["engine_image"], engine_build["name"]
     assert podman("image", "inspect", "--format", "{{.Id}}", image_id).stdout.strip() == image_id
     rows = np.load(SAMPLE)[:5].astype(np.float32)
-    model = extract_archive(Path(engine_build["bundle"]), tmp_path) / "model.onnx"
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    expected = dict(zip([o.name for o in session.get_outputs()],
-                        session.run(None, {session.get_inputs()[0].name: rows})))
 
-    with podman_run_detached(image_id, ready_path="/v2/health/ready") as url:
-        _wait_until_ready(url)
-        status, answer = _post(url + f"/v2/models/{name}/infer", {"inputs": [
-            {"name": session.get_inputs()[0].name, "shape": list(rows.shape), "datatype": "FP32",
-             "data": rows.ravel().tolist()}]})
-        assert status == 200, answer
-        got = {output["name"]: np.asarray(output["data"]).reshape(output["shape"]) for output in answer["outputs"]}
-        assert set(got) == set(expected)
-        for key, value in expected.items():
-            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6)
+    with podman_run_detached(image_id, ready_path="/v2/health/ready", ready_status=200) as url:
+        assert_infer_like_onnxruntime(url, name, Path(engine_build["bundle"]), rows, tmp_path)
 
 
 @pytest.mark.slow

@@ -15,12 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
@@ -29,7 +26,7 @@ from containers import http_get, podman, podman_run_detached, podman_setup, skop
 from edgepack.cli import app
 from edgepack.package.image_config import ENTRYPOINT as IMAGE_ENTRYPOINT
 from edgepack.package.oci import OCI_MANIFEST, REF_NAME, Blob, BlobStore, LayerEntries, write_layer, write_layout
-from edgepack.runtime.bundle import extract_archive
+from v2_checks import assert_infer_like_onnxruntime
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 QEMU_IN_IMAGE = "/usr/bin/qemu-aarch64-static"
@@ -99,17 +96,6 @@ def _with_qemu_entrypoint(layout: Path, tag: str, qemu: Path, out: Path) -> Path
     return out
 
 
-def _post(url: str, body: dict, timeout_s: float = 120) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=timeout_s) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}")
-
-
 def _container_publishing(url: str) -> str:
     """The name of the running container whose port ``url`` is (podman_run_detached keeps it to itself)."""
     port = url.rsplit(":", 1)[1]
@@ -137,10 +123,6 @@ def test_arm64_image_answers_under_qemu_like_onnxruntime_here(arm64_build, qemu,
     assert (config["config"]["User"], config["config"]["WorkingDir"]) == ("65532:65532", "/app")
 
     rows = np.load(EXAMPLES / "digits_sample.npy").astype(np.float32)
-    model = extract_archive(Path(arm64_build["bundle"]), tmp_path) / "model.onnx"
-    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    expected = dict(zip([o.name for o in session.get_outputs()],
-                        session.run(None, {session.get_inputs()[0].name: rows})))
     name = arm64_build["name"]
 
     # No run option touches /sys: onnxruntime's cpuinfo reads /sys/devices/system/cpu/{possible,present} at import,
@@ -149,15 +131,9 @@ def test_arm64_image_answers_under_qemu_like_onnxruntime_here(arm64_build, qemu,
                              timeout_s=READY_TIMEOUT_S + 300) as url:
         status, listed = http_get(url + "/v2/models", timeout_s=60)
         assert status == 200 and [m["name"] for m in json.loads(listed)["models"]] == [name]
-        status, answer = _post(url + f"/v2/models/{name}/infer", {"inputs": [
-            {"name": session.get_inputs()[0].name, "shape": list(rows.shape), "datatype": "FP32",
-             "data": rows.ravel().tolist()}]})
-        assert status == 200, answer
-        got = {output["name"]: np.asarray(output["data"]).reshape(output["shape"]) for output in answer["outputs"]}
-        assert set(got) == set(expected)
-        for key, value in expected.items():
-            # Another CPU's kernels (NEON, not AVX) round differently; the answers must not.
-            np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-4, err_msg=key)
+        # Another CPU's kernels (NEON, not AVX) round differently; the answers must not.
+        assert_infer_like_onnxruntime(url, name, Path(arm64_build["bundle"]), rows, tmp_path, rtol=0, atol=1e-4,
+                                      timeout_s=120)
 
         processes = _processes(_container_publishing(url))
         # One process, qemu running the image's Python as the image's user: nothing was started beside it.
