@@ -26,10 +26,10 @@ from typing import Iterator
 import pytest
 
 from containers import locked
+from python_base import DEBIAN_MIRROR
 from edgepack.package.oci import OCI_CONFIG, OCI_MANIFEST, REF_NAME, Blob, BlobStore, write_layout, write_tar_layer
 from edgepack.package.wheels import cache_root
 
-DEBIAN_MIRROR = os.environ.get("EDGEPACK_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 ARM64_TAG = "3.11"  # bookworm's python3
 ARM64_PLATFORM = {"architecture": "arm64", "os": "linux", "variant": "v8"}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import containers
+import python_base
 from containers import (
-    BASE_IMAGE,
     ContainerError,
     http_get,
     podman,
@@ -25,6 +25,7 @@ from containers import (
     podman_run_detached,
     skopeo,
 )
+from python_base import BASE_IMAGE
 
 
 def _our_containers() -> list[str]:
@@ -66,14 +67,14 @@ def test_base_image_runs_python_with_bounded_limits(python_base_layout):
 @pytest.mark.slow
 def test_base_image_is_built_once_and_recorded(python_base_layout):
     layout, tag = python_base_layout
-    record = containers.base_image_record()
+    record = python_base.base_image_record()
     assert tag == "3.11" and record["tag"] == tag and record["python"].startswith("3.11.")
     assert 30e6 < record["layout_bytes"] < record["image_bytes"] < 250e6  # trimmed: no apt lists, docs, caches
     index = json.loads((layout / "index.json").read_text())
     assert index["manifests"][0]["digest"] == record["manifest_digest"]
     assert not list(layout.parent.parent.glob(f".{layout.parent.name}.*"))  # no half-built copy left
     started = time.monotonic()
-    assert containers.python_base_layout() == (layout, tag)
+    assert python_base.python_base_layout() == (layout, tag)
     assert time.monotonic() - started < 1
     image = podman("image", "inspect", BASE_IMAGE, "--format", "{{json .Config}}")
     config = json.loads(image.stdout)
@@ -154,7 +155,7 @@ def test_skopeo_inspects_the_base_layout(python_base_layout):
     facts = json.loads(skopeo("inspect", f"oci:{layout}:{tag}").stdout)
     architecture = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
     assert (facts["Os"], facts["Architecture"]) == ("linux", architecture)
-    assert facts["Digest"] == containers.base_image_record()["manifest_digest"] and len(facts["Layers"]) == 1
+    assert facts["Digest"] == python_base.base_image_record()["manifest_digest"] and len(facts["Layers"]) == 1
 
 
 def test_registry_answers_and_stops(tmp_path):
@@ -172,7 +173,7 @@ def test_base_image_goes_through_the_local_registry(python_base_layout, local_re
     skopeo("copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{tag}", remote)
     facts = json.loads(skopeo("inspect", "--tls-verify=false", remote).stdout)
     assert facts["Name"] == f"{local_registry}/edgepack/python" and tag in facts["RepoTags"]
-    assert facts["Digest"] == containers.base_image_record()["manifest_digest"]  # the same bytes, pushed as is
+    assert facts["Digest"] == python_base.base_image_record()["manifest_digest"]  # the same bytes, pushed as is
 
 
 def test_the_build_lock_keeps_a_second_process_out(tmp_path):
@@ -199,8 +200,8 @@ def test_a_missing_tool_is_a_skip_reason_naming_it(monkeypatch):
 
 def test_an_unreachable_mirror_skips_with_debootstraps_reason(podman_env, tmp_path):
     """In a store of its own (a fresh process, another cache): the build fails at once and says why."""
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import _pytest.outcomes, containers\n"
-             "try:\n    containers.python_base_layout()\n"
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import _pytest.outcomes, containers, python_base\n"
+             "try:\n    python_base.python_base_layout()\n"
              "except _pytest.outcomes.Skipped as skip:\n    print(skip.msg)\n"
              "print(containers.podman_setup().env['CONTAINERS_STORAGE_CONF'])\n")
     env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache"),
