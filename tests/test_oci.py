@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from cli_checks import assert_one_line_error
-from edgepack.cli import app
 from edgepack.package.wheels import WheelFetchError
 from edgepack.pipeline import build
 from edgepack.spec import BuildSpec

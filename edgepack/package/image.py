@@ -30,7 +30,7 @@ from edgepack.package.dockerfile import base_args, dockerfile_text, write_contex
 from edgepack.package.image_config import APP_DIR, image_config, image_env, image_labels
 from edgepack.package.image_deps import DEPS_DIR, deps_layer
 from edgepack.package.oci import (OCI_INDEX, OCI_MANIFEST, REF_NAME, Blob, BlobStore, LayerEntries, LayerScan,
-                                  canonical_json, replace_dir, scan_layer, write_layer, write_layout)
+                                  replace_dir, scan_layer, write_layer, write_layout)
 from edgepack.package.sbom import created_at, image_sbom
 from edgepack.package.wheels import DEFAULT_PYTHON, WheelRequest, WheelSet, cache_root
 
