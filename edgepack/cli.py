@@ -350,54 +350,6 @@ def _compare_reports(files: Tuple[Path, Path], bundle: Optional[Path], min_chang
 
 @app.command()
 @error_boundary
-def serve(
-    bundle: Path = typer.Argument(..., help="A bundle .tar.gz (verified, then unpacked to a temporary folder) or an unpacked bundle folder."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8080, help="Port to listen on (0: any free port; the log line says which)."),
-    max_body_mb: float = typer.Option(8.0, help="Refuse request bodies larger than this with 413."),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN and infinity in float inputs (refused with 400 by default)."),
-    access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr."),
-    inference: str = typer.Option("auto", help="Where session.run runs: loop (the event loop), thread, or auto (the loop for runs expected under 1 ms with one worker thread, 0.2 ms with several)."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: the bundle's target profile's)."),
-    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Write the prediction log (JSON lines, one per request, flushed before the answer) into this folder."),
-    log_sample_rate: float = typer.Option(0.01, "--log-sample-rate", help="Share of requests whose inputs are logged in full (failed runs always are; others get a sha256)."),
-    log_max_mb: float = typer.Option(64.0, "--log-max-mb", help="Rotate the prediction log past this size."),
-    log_keep: int = typer.Option(5, "--log-keep", help="Prediction log files kept, the current one included."),
-    shadow: Optional[Path] = typer.Option(None, "--shadow", help="A candidate bundle (.tar.gz or folder) that runs every request off the request's path; compared in the log and /metrics, never answering."),
-    shadow_queue: int = typer.Option(64, "--shadow-queue", help="Shadow runs waiting at most; past it they are dropped and counted, never delaying the answer."),
-) -> None:
-    """Serve a bundle's model over HTTP until Ctrl-C: KServe v2 at /v2, plain JSON at /predict, Prometheus at /metrics."""
-    from edgepack.runtime.server import ServeSettings, serve_path
-
-    if inference not in ("auto", "loop", "thread"):
-        raise typer.BadParameter(f"--inference {inference!r}: expected auto, loop or thread")
-    serve_path(bundle, ServeSettings(host, port, max_body_mb, allow_nonfinite, access_log, inference, threads,
-                                     log_dir, log_sample_rate, log_max_mb, log_keep, shadow, shadow_queue),
-               server_version=__version__)
-
-
-rollout_app = typer.Typer(help="Shadow and phased rollouts: read what the server logged.", no_args_is_help=True)
-app.add_typer(rollout_app, name="rollout")
-
-
-@rollout_app.command("report")
-@error_boundary
-def rollout_report(
-    log_dir: Path = typer.Option(..., "--log-dir", help="The folder `edgepack serve --log-dir` wrote (every rotated part is read)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-) -> None:
-    """Summarise shadow pairs: agreement with a 95% interval, output differences, latencies, errors, drops."""
-    from edgepack.rollout import render_shadow_report, shadow_report
-
-    summary = shadow_report(log_dir)
-    if json_out:
-        print(json.dumps(summary.to_json(), indent=2))
-    else:
-        print(render_shadow_report(summary))
-
-
-@app.command()
-@error_boundary
 def profiles(json_out: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")) -> None:
     """List the device profiles in targets/ and what this host enforces for each."""
     from edgepack.bench.profiles import all_profiles
@@ -437,6 +389,11 @@ def push(
         print(pushed["digest"])
         _stderr().print(f"[green]✓ pushed[/] {escape(pushed['ref'])}@{pushed['digest']} "
                         f"({pushed['uploaded']} blob(s) uploaded, {pushed['skipped']} already there)", soft_wrap=True)
+
+
+from edgepack.commands.serving import register as _register_serving  # noqa: E402 - needs app and error_boundary
+
+_register_serving(app)
 
 
 def main() -> None:

@@ -1,8 +1,11 @@
-"""``edgepack rollout report``: what a shadow run showed, read from the server's prediction log.
+"""``edgepack rollout report``: what a shadow or phased run showed, read from the server's prediction log.
 
 The log is the runtime's (``edgepack.runtime.prediction_log``): ``role: primary`` lines, one per
-answered request (``shadow: dropped`` when the shadow queue was full), and ``role: shadow`` lines,
-one per pair the candidate ran. Rows are the unit of agreement: a request of 8 rows counts 8.
+answered request (``shadow: dropped`` when the shadow queue was full; in phased mode ``variant``
+says which model answered), ``role: shadow`` lines, one per pair a shadow candidate ran,
+``role: check`` lines, one per phased request the primary also ran, and ``role: rollout`` lines,
+one per decision (and the spec the server started with). Rows are the unit of agreement: a
+request of 8 rows counts 8.
 """
 
 from __future__ import annotations
@@ -152,4 +155,74 @@ def render_shadow_report(report: ShadowReport) -> str:
     lines.append(f"session.run p99: primary {ms(report.primary_run_ms['p99'])}, candidate "
                  f"{ms(report.candidate_run_ms['p99'])} ({times(report.p99_ratio)})")
     lines.append(f"candidate errors: {report.candidate_errors}; shadow runs dropped (queue full): {report.dropped}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PhasedReport:
+    files: int
+    requests: dict[str, int]  # answered requests by variant (primary, candidate)
+    fallbacks: int  # candidate failures the primary answered
+    latency_ms: dict[str, dict[str, float | None]]  # by variant: p50, p99 of the server's time per request
+    checked_rows: int
+    agreed_rows: int
+    agreement: float | None
+    agreement_95: tuple[float, float] | None
+    decisions: list[dict[str, Any]]
+    state: str | None  # after the last decision
+    spec: dict[str, Any] | None  # the rollout spec the server last started with
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": "phased", **asdict(self)}
+
+
+def report(folder: Path) -> ShadowReport | PhasedReport:
+    """A phased report when the log holds a phased rollout, else a shadow report."""
+    files, records = read_records(folder)
+    if any(r["role"] == "rollout" for r in records):
+        return phased_report(files, records)
+    return shadow_report(folder)
+
+
+def phased_report(files: list[Path], records: list[dict[str, Any]]) -> PhasedReport:
+    answered = [r for r in records if r["role"] == "primary" and r.get("status") == 200 and "variant" in r]
+    requests = {v: sum(1 for r in answered if r["variant"] == v) for v in ("primary", "candidate")}
+    latency = {v: {"p50": percentile([r["latency_ms"] for r in answered if r["variant"] == v], 50),
+                   "p99": percentile([r["latency_ms"] for r in answered if r["variant"] == v], 99)}
+               for v in ("primary", "candidate")}
+    checks = [r for r in records if r["role"] == "check"]
+    rows, agreed = sum(r["rows"] for r in checks), sum(r["agreed_rows"] for r in checks)
+    events = [r for r in records if r["role"] == "rollout"]
+    decisions = [{k: r.get(k) for k in ("time", "event", "state", "step", "weight", "reason")}
+                 for r in events if r.get("event") != "serve"]
+    started = [r for r in events if r.get("event") == "serve"]
+    return PhasedReport(files=len(files), requests=requests,
+                        fallbacks=sum(1 for r in answered if "fallback" in r), latency_ms=latency,
+                        checked_rows=rows, agreed_rows=agreed, agreement=agreed / rows if rows else None,
+                        agreement_95=wilson_interval(agreed, rows) if rows else None, decisions=decisions,
+                        state=events[-1].get("state") if events else None,
+                        spec=started[-1].get("spec") if started else None)
+
+
+def render_report(summary: ShadowReport | PhasedReport) -> str:
+    if isinstance(summary, ShadowReport):
+        return render_shadow_report(summary)
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f} ms"
+
+    total = sum(summary.requests.values())
+    lines = [f"phased rollout: {total} answered requests ({summary.files} log file(s)); state now {summary.state}"]
+    for variant in ("primary", "candidate"):
+        share = summary.requests[variant] / total if total else 0
+        lines.append(f"{variant}: {summary.requests[variant]} requests ({share:.1%}), p50 "
+                     f"{ms(summary.latency_ms[variant]['p50'])}, p99 {ms(summary.latency_ms[variant]['p99'])}")
+    lines.append(f"candidate failures answered by the primary: {summary.fallbacks}")
+    if summary.agreement is not None and summary.agreement_95 is not None:
+        low, high = summary.agreement_95
+        lines.append(f"agreement: {summary.agreement:.1%} of {summary.checked_rows} checked rows "
+                     f"(95% interval {low:.1%}–{high:.1%})")
+    for decision in summary.decisions:
+        lines.append(f"- {decision['event']} -> {decision['state']} at step {decision['step']} "
+                     f"({decision['weight']:g}%): {decision['reason']}")
     return "\n".join(lines)

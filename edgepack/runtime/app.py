@@ -8,6 +8,8 @@ goes on serving either way.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import sys
 import time
 import traceback
@@ -27,7 +29,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = b"application/json"
-_POST_ENDPOINTS = ("infer", "predict")
+_POST_ENDPOINTS = ("infer", "predict", "rollout_promote", "rollout_rollback")
 _INFERENCE = ("infer", "predict")
 _BODY_HEADERS = (b"content-length", b"content-encoding", b"expect", b"inference-header-content-length")
 # A refused body is read (and dropped) up to this many times the limit, so that the client reads
@@ -41,6 +43,7 @@ class AppSettings:
     allow_nonfinite: bool = False
     access_log: bool = False
     server_version: str = "unknown"
+    admin_token: str | None = None  # None: admin endpoints answer loopback clients only
 
 
 class _Disconnected(Exception):
@@ -50,7 +53,7 @@ class _Disconnected(Exception):
 class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
-    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "shadow", "error")
+    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "shadow", "extra", "error")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
@@ -60,6 +63,7 @@ class _Call:
         self.feed: dict[str, Any] | None = None  # the parsed inputs, once accepted
         self.outputs: dict[str, Any] | None = None
         self.shadow: str | None = None
+        self.extra: dict[str, Any] | None = None
         self.error: str | None = None
 
 
@@ -90,8 +94,15 @@ class App:
             status, body, headers = await self._answer(call, scope, receive)
             if self.log is not None and call.endpoint in _INFERENCE:
                 # Written before the answer is sent: an acknowledged request always has its line.
-                self._log(call, scope, status, time.perf_counter() - started)
-                headers.append((b"x-request-id", call.request_id.encode()))
+                try:
+                    self._log(call, scope, status, time.perf_counter() - started)
+                    headers.append((b"x-request-id", call.request_id.encode()))
+                except OSError as err:  # a full disk: no answer goes out that the log does not hold
+                    status, headers = 503, [(b"content-type", _JSON)]
+                    message = (f"cannot write the prediction log ({err.strerror or err}); the request was not "
+                               "acknowledged (free space in --log-dir, then retry)")
+                    body = orjson.dumps({"error": message})
+                    print(f"error: {message}", file=sys.stderr, flush=True)
             await send({"type": "http.response.start", "status": status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -124,6 +135,8 @@ class App:
             record.update(outputs_field(call.outputs))
         if call.shadow is not None:
             record["shadow"] = call.shadow
+        if call.extra is not None:
+            record.update(call.extra)
         if call.error is not None:
             record["error"] = call.error
         self.log.write(record)  # type: ignore[union-attr]
@@ -169,8 +182,9 @@ class App:
             if self.tracing:
                 call.request_id = request.id or _request_id(scope)
                 call.feed = request.inputs
-            answer = await route.infer(list(request.outputs), request.inputs, call.request_id)
-            call.version, call.outputs, call.shadow = answer.version, answer.outputs, answer.shadow
+            answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
+                                       _header(scope, route.key_header) if route.key_header else None)
+            call.version, call.outputs, call.shadow, call.extra = answer.version, answer.outputs, answer.shadow, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
             if json_length is None:
@@ -185,13 +199,51 @@ class App:
             if self.tracing:
                 call.request_id = _request_id(scope)
                 call.feed = feed
-            answer = await route.infer(None, feed, call.request_id)
-            call.version, call.outputs, call.shadow = answer.version, answer.outputs, answer.shadow
+            answer = await route.infer(None, feed, call.request_id,
+                                       _header(scope, route.key_header) if route.key_header else None)
+            call.version, call.outputs, call.shadow, call.extra = answer.version, answer.outputs, answer.shadow, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
         if endpoint == "metrics":
             return 200, self.metrics.exposition(), [(b"content-type", CONTENT_TYPE.encode())]
+        if endpoint.startswith("rollout_"):
+            return await self._admin(call, endpoint, scope, receive)
         return self._describe(call, endpoint, name, version)
+
+    async def _admin(self, call: _Call, endpoint: str, scope: dict[str, Any], receive: Receive) -> tuple[int, bytes, list]:
+        """GET /admin/rollout, POST /admin/rollout/promote|rollback (body: optional {"reason": "..."})."""
+        self._authorize(scope)
+        route = self.registry.default()
+        call.model = route.name
+        as_json = [(b"content-type", _JSON)]
+        if endpoint == "rollout_status":
+            if route.mode != "phased":
+                return 200, orjson.dumps({"mode": route.mode, "model": route.name, "versions": route.versions,
+                                          "state": None, "step": None, "weight": None}), as_json
+            return 200, orjson.dumps(route.status()), as_json
+        body, _ = await self._body(scope, receive)
+        reason = _reason(body)
+        if route.mode != "phased":
+            raise RequestError(f"this server is in {route.mode} mode: there is no rollout to steer",
+                               "start it with --phased CANDIDATE", 409)
+        return 200, orjson.dumps(route.steer(endpoint.removeprefix("rollout_"), reason)), as_json
+
+    def _authorize(self, scope: dict[str, Any]) -> None:
+        token = self.settings.admin_token
+        if token:
+            given = _header(scope, b"authorization") or ""
+            if not hmac.compare_digest(given.encode("latin-1"), f"Bearer {token}".encode("latin-1")):
+                raise RequestError("admin endpoints need this server's admin token",
+                                   "send Authorization: Bearer TOKEN (edgepack rollout --token)", 401)
+            return
+        client = (scope.get("client") or ("",))[0]
+        try:
+            local = ipaddress.ip_address(client).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise RequestError("admin endpoints answer only clients on this host when no admin token is set",
+                               "call from the server's host, or start it with --admin-token", 403)
 
     def _describe(self, call: _Call, endpoint: str, name: str | None, version: str | None) -> tuple[int, bytes, list]:
         as_json = [(b"content-type", _JSON)]
@@ -244,10 +296,28 @@ class App:
 
 def _request_id(scope: dict[str, Any]) -> str:
     """The client's X-Request-Id, else a fresh one (the v2 body's "id" wins over both)."""
+    given = _header(scope, b"x-request-id")
+    return given[:200] if given is not None else uuid.uuid4().hex
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    """A request header's value (``name`` in lower case, as ASGI gives them); None when absent."""
     for key, value in scope["headers"]:
-        if key == b"x-request-id":
-            return value.decode("latin-1")[:200]
-    return uuid.uuid4().hex
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _reason(body: bytes) -> str:
+    if not body.strip():
+        return ""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise RequestError("the body is not JSON", 'send {"reason": "..."} or nothing') from None
+    if not isinstance(data, dict) or not isinstance(data.get("reason", ""), str):
+        raise RequestError('expected {"reason": "..."}', "the reason is a string, for the rollout's history")
+    return data.get("reason", "")[:500]
 
 
 def _too_large(limit: int) -> RequestError:
@@ -291,6 +361,11 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
                 return "infer", name, version
     elif len(parts) == 1 and parts[0] in ("predict", "metrics"):
         return parts[0], None, None
+    elif parts[0] == "admin" and len(parts) in (2, 3) and parts[1] == "rollout":
+        if len(parts) == 2:
+            return "rollout_status", None, None
+        if parts[2] in ("promote", "rollback"):
+            return f"rollout_{parts[2]}", None, None
     return "unknown", None, None
 
 

@@ -110,11 +110,28 @@ class ServerMetrics:
         self.shadow_latency = Histogram("edgepack_shadow_run_duration_seconds",
                                         "The shadow candidate's session.run, in seconds.", ("model", "version"))
         self.shadow = False
+        # Phased rollout (model: the served name; variant: primary or candidate).
+        self.rollout_requests = Counter("edgepack_rollout_requests_total",
+                                        "Inference requests routed to each variant, by outcome (error: the candidate "
+                                        "failed and the primary answered).", ("model", "variant", "outcome"))
+        self.rollout_agreement = Counter("edgepack_rollout_agreement_total",
+                                         "Rows of candidate answers the primary also ran, agreeing or not.",
+                                         ("model", "result"))
+        self.rollout_decisions = Counter("edgepack_rollout_decisions_total",
+                                         "Rollout decisions: promote, rollback (gates), operator_promote, "
+                                         "operator_rollback.", ("model", "event"))
+        self.rollout_step = Gauge("edgepack_rollout_step", "The rollout's current step, from 1.", ("model",))
+        self.rollout_weight = Gauge("edgepack_rollout_weight_percent",
+                                    "Percent of requests the candidate answers now.", ("model",))
+        self.rollout_state = Gauge("edgepack_rollout_state", "1 for the rollout's current state.", ("model", "state"))
+        self.phased = False
 
     def exposition(self) -> bytes:
         lines: list[str] = []
         shadow = (self.shadow_requests, self.shadow_dropped, self.shadow_errors, self.shadow_agreement,
                   self.shadow_latency) if self.shadow else ()
-        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready, *shadow):
+        phased = (self.rollout_requests, self.rollout_agreement, self.rollout_decisions, self.rollout_step,
+                  self.rollout_weight, self.rollout_state) if self.phased else ()
+        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready, *shadow, *phased):
             lines += metric.lines()
         return ("\n".join(lines) + "\n").encode()

@@ -2,8 +2,8 @@
 
 The app asks the registry for a route by name and calls ``route.infer``; it never touches a
 session. ``SingleRoute`` has one model answer; ``shadow.ShadowRoute`` adds a candidate run off
-the request's path; a phased route will offer the same face (``infer``, ``metadata``, ``ready``, ``load``) and decides per request which
-model(s) run and which one answers; ``Answer.version`` tells the client which did.
+the request's path; ``phased.PhasedRoute`` offers the same face (``infer``, ``metadata``, ``ready``,
+``load``) and decides per request which model answers; ``Answer.version`` tells the client which did.
 """
 
 from __future__ import annotations
@@ -163,12 +163,14 @@ class Answer:
     outputs: dict[str, np.ndarray]
     run_s: float
     shadow: str | None = None  # shadow mode: "queued" or "dropped" (the queue was full)
+    extra: dict[str, Any] | None = None  # more fields for the request's log line (phased: variant, step)
 
 
 class SingleRoute:
     """One model answers every request."""
 
     mode = "single"
+    key_header: bytes | None = None  # phased routes: the header whose value assigns a request to a model
 
     def __init__(self, spec: ModelSpec, placement: str = "auto") -> None:
         self.spec = spec
@@ -195,8 +197,10 @@ class SingleRoute:
         """Blocking: runs in a thread while the server already answers liveness."""
         self.model = ServedModel(self.spec, self.placement)
 
-    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "") -> Answer:
-        """``request_id`` ties what a shadow or phased route logs to the request's primary line."""
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
+                    key: str | None = None) -> Answer:
+        """``request_id`` ties what a shadow or phased route logs to the request's primary line;
+        ``key`` is the request's sticky-assignment key, when a phased route asked for one."""
         if self.model is None:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
         outputs, run_s = await self.model.infer(names, feed)

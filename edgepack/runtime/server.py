@@ -25,6 +25,7 @@ from typing import Iterator
 from .bundle import extract_archive, verify_dir
 from .errors import EdgepackError, InputError, UnsupportedHere
 from .requirements import SERVE
+from .rollout_state import RolloutSpec
 
 DEFAULT_PORT = 8080
 # Longer than the idle timeout of common load balancers (60 s): a server that closes an idle
@@ -47,18 +48,32 @@ class ServeSettings:
     log_keep: int = 5
     shadow: Path | None = None  # a candidate bundle (folder or archive) run in shadow of the served one
     shadow_queue: int = 64
+    phased: Path | None = None  # a candidate bundle rolled out in steps over the served one
+    rollout: RolloutSpec | None = None  # its schedule and gates (None: the defaults)
+    state_dir: Path | None = None  # where the rollout's state survives restarts
+    admin_token: str | None = None  # None: admin endpoints answer loopback clients only
 
 
 def serve_path(path: Path, settings: ServeSettings, server_version: str | None = None) -> None:
     """Serve a bundle folder, or a bundle archive verified and unpacked into a temporary folder
-    (the same for a --shadow candidate)."""
+    (the same for a --shadow or --phased candidate)."""
     with ExitStack() as stack:
-        root = _unpacked(path, stack, "")
-        if settings.shadow is not None:
-            from dataclasses import replace
+        serve(_unpacked(path, stack, ""), _candidates_unpacked(settings, stack), server_version)
 
-            settings = replace(settings, shadow=_unpacked(settings.shadow, stack, "--shadow "))
-        serve(root, settings, server_version)
+
+def _candidates_unpacked(settings: ServeSettings, stack: ExitStack) -> ServeSettings:
+    from dataclasses import replace
+
+    if settings.shadow is not None and settings.phased is not None:
+        raise InputError("--shadow and --phased both given", "shadow a candidate first, then roll it out with --phased")
+    if settings.shadow is not None:
+        settings = replace(settings, shadow=_unpacked(settings.shadow, stack, "--shadow "))
+    if settings.phased is not None:
+        if settings.state_dir is None:
+            raise InputError("--phased needs --state-dir DIR", "the rollout's step and counts are kept there "
+                             "across restarts")
+        settings = replace(settings, phased=_unpacked(settings.phased, stack, "--phased "))
+    return settings
 
 
 def _unpacked(path: Path, stack: ExitStack, flag: str) -> Path:
@@ -76,39 +91,85 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
     loop, http = _http_stack()
     manifest = verify_dir(root).manifest
     candidate_manifest = None
-    if settings.shadow is not None:
-        if not settings.shadow.is_dir():
-            raise InputError(f"--shadow {settings.shadow}: no such bundle folder",
+    for flag, candidate_root in (("--shadow", settings.shadow), ("--phased", settings.phased)):
+        if candidate_root is None:
+            continue
+        if not candidate_root.is_dir():
+            raise InputError(f"{flag} {candidate_root}: no such bundle folder",
                              "give an unpacked bundle folder (edgepack serve also takes a .tar.gz)")
-        candidate_manifest = verify_dir(settings.shadow).manifest  # both verified before anything starts
+        candidate_manifest = verify_dir(candidate_root).manifest  # both verified before anything starts
     if settings.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 8")
-    import uvicorn
-
-    from .app import App, AppSettings
     from .metrics import ServerMetrics
     from .models import ModelSpec, Registry, SingleRoute
-
     from .prediction_log import PredictionLog
 
     metrics = ServerMetrics()
-    log = None
-    if settings.log_dir is not None:
-        log = PredictionLog(settings.log_dir, settings.log_sample_rate, settings.log_max_mb, settings.log_keep)
-    registry = Registry()
     spec = ModelSpec.from_bundle(root, manifest, settings.threads)
-    if candidate_manifest is None:
-        registry.add(SingleRoute(spec, settings.placement))
-    else:
-        from .shadow import ShadowRoute
+    stack = ExitStack()
+    with stack:
+        rollout = None
+        if settings.phased is not None:
+            rollout = _rollout(settings, spec, candidate_manifest, stack)  # before the log: a busy folder writes nothing
+        log = None
+        if settings.log_dir is not None:
+            log = PredictionLog(settings.log_dir, settings.log_sample_rate, settings.log_max_mb, settings.log_keep)
+        registry = Registry()
+        if settings.shadow is not None:
+            from .shadow import ShadowRoute
 
-        # One intra-op thread for the candidate: it shares the host with the primary, which must not slow down.
-        candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
-        registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))
-        metrics.shadow = True
+            # One intra-op thread for the candidate: it shares the host with the primary, which must not slow down.
+            candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
+            registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))
+            metrics.shadow = True
+        elif rollout is not None:
+            from .phased import PhasedRoute
+
+            candidate = ModelSpec.from_bundle(settings.phased, candidate_manifest, settings.threads)  # type: ignore[arg-type]
+            registry.add(PhasedRoute(spec, candidate, settings.placement, metrics, log, rollout,
+                                     settings.state_dir))  # type: ignore[arg-type]
+            metrics.phased = True
+        else:
+            registry.add(SingleRoute(spec, settings.placement))
+        _run(root, manifest, settings, registry, metrics, log, server_version, started, loop, http)
+
+
+def _rollout(settings: ServeSettings, spec, candidate_manifest: dict, stack: ExitStack):
+    """The rollout to run: resumed from --state-dir when it holds one for these two bundles, else new.
+    The folder stays locked while the server runs."""
+    from .rollout_state import Rollout, StateLock, load, state_path
+
+    folder: Path = settings.state_dir  # type: ignore[assignment]
+    lock = StateLock(folder)
+    if not lock.acquire():
+        raise InputError(f"--state-dir {folder} is in use by another edgepack serve",
+                         "stop that server, or give this one another --state-dir")
+    stack.callback(lock.release)
+    wanted = settings.rollout or RolloutSpec()
+    rollout = load(folder)
+    now = time.time()
+    if rollout is None:
+        return Rollout.start(wanted, spec.name, spec.version, candidate_manifest["version"], now)
+    pair = (rollout.model, rollout.primary, rollout.candidate)
+    if pair != (spec.name, spec.version, candidate_manifest["version"]):
+        raise InputError(f"{state_path(folder)} holds the rollout of {pair[0]} {pair[2]} over {pair[1]}, not of "
+                         f"{spec.name} {candidate_manifest['version']} over {spec.version}",
+                         "give the same bundles to resume it, or another --state-dir to start a new rollout")
+    if settings.rollout is not None:
+        rollout.adopt(settings.rollout, now)
+    rollout.resumed(now)
+    return rollout
+
+
+def _run(root: Path, manifest: dict, settings: ServeSettings, registry, metrics, log, server_version: str | None,
+         started: float, loop: str, http: str) -> None:
+    import uvicorn
+
+    from .app import App, AppSettings
+
     version = server_version or (manifest.get("created_by") or {}).get("edgepack", "unknown")
     app = App(registry, metrics, AppSettings(int(settings.max_body_mb * 2**20), settings.allow_nonfinite,
-                                             settings.access_log, version), log)
+                                             settings.access_log, version, settings.admin_token), log)
     sock = _listen(settings.host, settings.port)
     config = uvicorn.Config(app, loop=loop, http=http, ws="none", interface="asgi3", lifespan="on",
                             log_config=None, log_level="warning", access_log=False, proxy_headers=False,
@@ -150,9 +211,15 @@ def _load(registry, metrics, server, failures: list[EdgepackError], address: str
               f"{time.perf_counter() - started:.2f} s; one row runs in {model.warm_run_s * 1000:.3f} ms, "
               f"inference {model.where()})", file=sys.stderr, flush=True)
         candidate = getattr(route, "candidate", None)
-        if candidate is not None:
+        if candidate is not None and route.mode == "shadow":
             print(f"shadowing {route.name} with {candidate.spec.name} {candidate.spec.version} (one row runs in "
                   f"{candidate.warm_run_s * 1000:.3f} ms, off the request's path)", file=sys.stderr, flush=True)
+        if candidate is not None and route.mode == "phased":
+            rollout = route.rollout
+            print(f"rolling out {candidate.spec.name} {candidate.spec.version} over {route.spec.version}: "
+                  f"{rollout.state} at step {rollout.step + 1} of {len(rollout.spec.steps)} ({rollout.weight:g}%), "
+                  f"one row runs in {candidate.warm_run_s * 1000:.3f} ms; state in {route.state_dir}",
+                  file=sys.stderr, flush=True)
 
 
 def _http_stack() -> tuple[str, str]:
@@ -223,6 +290,7 @@ def _parser(default_host: str) -> argparse.ArgumentParser:
     parser.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the bundle's target)")
     add_log_and_shadow_flags(parser)
+    add_phased_flags(parser)
     parser.add_argument("--inference", choices=("auto", "loop", "thread"), default="auto",
                         help="where session.run runs: on the event loop, in threads, or auto (the loop when the run "
                              "is expected to take under 1 ms with one worker thread, 0.2 ms with several)")
@@ -242,6 +310,33 @@ def add_log_and_shadow_flags(parser: argparse.ArgumentParser) -> None:
                         help="shadow runs waiting at most; past it they are dropped and counted (default: 64)")
 
 
+def add_phased_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--phased", type=Path, help="a candidate bundle folder rolled out in steps over this one")
+    parser.add_argument("--rollout-spec", type=Path, help="steps and gates from a JSON (or TOML) file; flags win")
+    parser.add_argument("--steps", help="percent of requests the candidate answers at each step (default: 10,50,100)")
+    parser.add_argument("--min-samples", type=int, help="candidate requests a step needs before it may pass (500)")
+    parser.add_argument("--step-duration", type=float, help="seconds a step lasts at least (default: 60)")
+    parser.add_argument("--max-error-rate", type=float, help="gate: share of candidate requests failing (0.01)")
+    parser.add_argument("--max-p99-ms", type=float, help="gate: candidate p99 latency in ms (default: none)")
+    parser.add_argument("--min-agreement", type=float, help="gate: share of rows agreeing with the primary (none)")
+    parser.add_argument("--agreement-sample", type=float,
+                        help="share of candidate requests the primary also runs to measure agreement (0.25)")
+    parser.add_argument("--key-header", help="sticky assignment by this header (default: x-rollout-key), "
+                                             "else by the input's hash")
+    parser.add_argument("--state-dir", type=Path, help="where the rollout's state survives restarts (needed by --phased)")
+    parser.add_argument("--admin-token", default=os.environ.get("EDGEPACK_ADMIN_TOKEN"),
+                        help="require this bearer token on /admin (default: $EDGEPACK_ADMIN_TOKEN; none: loopback only)")
+
+
+def rollout_from_args(args: argparse.Namespace) -> RolloutSpec | None:
+    from .rollout_state import spec_from
+
+    if args.phased is None:
+        return None
+    return spec_from(args.rollout_spec, args.steps, args.min_samples, args.step_duration, args.max_error_rate,
+                     args.max_p99_ms, args.min_agreement, args.agreement_sample, args.key_header)
+
+
 def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
     args = _parser(default_host).parse_args(argv)
     port = args.port
@@ -252,11 +347,8 @@ def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
         port = int(text)
     settings = ServeSettings(args.host, port, args.max_body_mb, args.allow_nonfinite, args.access_log,
                              args.inference, args.threads, args.log_dir, args.log_sample_rate, args.log_max_mb,
-                             args.log_keep, args.shadow, args.shadow_queue)
+                             args.log_keep, args.shadow, args.shadow_queue, args.phased, rollout_from_args(args),
+                             args.state_dir, args.admin_token)
     with ExitStack() as stack:
-        if settings.shadow is not None:
-            from dataclasses import replace
-
-            settings = replace(settings, shadow=_unpacked(settings.shadow, stack, "--shadow "))
-        serve(args.bundle or root, settings)
+        serve(args.bundle or root, _candidates_unpacked(settings, stack))
     return 0

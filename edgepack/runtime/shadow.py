@@ -30,13 +30,13 @@ SHADOW_NICE = 10
 _STOP = object()
 
 
-def check_signatures(primary: ModelSpec, candidate: ModelSpec) -> None:
+def check_signatures(primary: ModelSpec, candidate: ModelSpec, flag: str = "--shadow") -> None:
     if primary.signature.inputs != candidate.signature.inputs:
         def text(spec: ModelSpec) -> str:
             return ", ".join(f"{s.name} ({s.datatype} {list(s.shape)})" for s in spec.signature.inputs.values())
 
-        raise InputError(f"--shadow {candidate.name} {candidate.version} takes {text(candidate)}, the primary "
-                         f"{primary.name} takes {text(primary)}", "shadow a candidate built for the same inputs")
+        raise InputError(f"{flag} {candidate.name} {candidate.version} takes {text(candidate)}, the primary "
+                         f"{primary.name} takes {text(primary)}", "give a candidate built for the same inputs")
 
 
 def labels(outputs: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -97,7 +97,8 @@ class ShadowRoute(SingleRoute):
         self.candidate = ServedModel(self.candidate_spec, "thread")
         self._worker.start()
 
-    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "") -> Answer:
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
+                    key: str | None = None) -> Answer:
         answer = await super().infer(names, feed)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()

@@ -1,0 +1,310 @@
+"""Phased mode: the candidate answers a growing share of requests, promoted or rolled back on gates.
+
+Routing is sticky: a request's key (the ``key_header`` header, else a hash of its inputs) maps to
+a fixed point in 0..100 for this rollout, and the candidate answers when that point is below the
+step's weight. Weights only grow, so a user who reached the candidate stays on it at the next step.
+
+The candidate's outcomes feed ``rollout_state.Rollout`` on the event loop's thread (every decision
+and admin action happens there, so the state needs no lock). A request the candidate fails on is
+answered by the primary: the failure counts against the candidate's error gate, not against the
+user. Agreement is measured off the request's path: for a sample of the candidate's requests a
+worker thread runs the primary on the same input and compares.
+
+The state file is written at once, with fsync, on every decision (before the next request is
+routed by it) and otherwise twice a second when counts changed, from a thread, so a restart after
+kill -9 resumes the same step with at most half a second of counts lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InferenceFailed, InputError, RequestError
+from .models import Answer, ModelSpec, ServedModel, SingleRoute
+from .prediction_log import PredictionLog, digest, now, outputs_field
+from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, save
+from .shadow import SHADOW_NICE, check_signatures, compare, labels
+
+FLUSH_S = 0.5
+DEFAULT_CHECK_QUEUE = 64
+_STOP = object()
+
+
+def bucket(salt: str, key: str) -> float:
+    """A point in [0, 100) fixed by the rollout's salt and the request's key."""
+    h = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=salt.encode())
+    return int.from_bytes(h.digest(), "big") / 2**64 * 100
+
+
+def row_agreement(primary: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tolerance: float) -> tuple[int, int]:
+    """(rows, rows agreeing): by label for classifiers, else every float output within ``tolerance``
+    (absolute and relative) of the primary's, row by row."""
+    mine, theirs = labels(primary), labels(candidate)
+    if mine is not None and theirs is not None and mine.shape == theirs.shape:
+        return int(mine.size), int(np.count_nonzero(mine == theirs))
+    rows, agree = 0, None
+    for name, value in primary.items():
+        other = candidate.get(name)
+        if other is None or other.shape != value.shape or value.ndim == 0:
+            continue
+        close = np.isclose(other.astype(np.float64), value.astype(np.float64), rtol=tolerance, atol=tolerance)
+        per_row = close.reshape(close.shape[0], -1).all(axis=1)
+        rows = per_row.size
+        agree = per_row if agree is None else agree & per_row
+    return (rows, int(np.count_nonzero(agree))) if agree is not None else (0, 0)
+
+
+class PhasedRoute(SingleRoute):
+    """The primary and the candidate, both loaded; ``rollout`` decides who answers."""
+
+    mode = "phased"
+
+    def __init__(self, spec: ModelSpec, candidate: ModelSpec, placement: str, metrics: Any,
+                 log: PredictionLog | None, rollout: Rollout, state_dir: Path,
+                 queue_size: int = DEFAULT_CHECK_QUEUE) -> None:
+        super().__init__(spec, placement)
+        check_signatures(spec, candidate, "--phased")
+        self.candidate_spec = candidate
+        self.candidate: ServedModel | None = None
+        self.metrics = metrics
+        self.log = log
+        self.rollout = rollout
+        self.state_dir = state_dir
+        self.key_header = rollout.spec.key_header.lower().encode("latin-1")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._checks: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._checker = threading.Thread(target=self._check_worker, name="rollout-check", daemon=True)
+        self._flusher = threading.Thread(target=self._flush_worker, name="rollout-state", daemon=True)
+        self._stop = threading.Event()
+        self._write_lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._written = 0  # sequence number of the snapshot on disk
+        self._changes = 0  # bumped on every change of the state; compared with _saved_changes
+        self._saved_changes = -1
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.candidate is not None
+
+    @property
+    def versions(self) -> list[str]:
+        return [self.spec.version, self.candidate_spec.version]
+
+    def load(self) -> None:
+        super().load()
+        self.candidate = ServedModel(self.candidate_spec, self.placement)
+        self._persist(*self._snapshot())
+        self._log_event({"event": "serve", "reason": "server started", "state": self.rollout.state,
+                         "step": self.rollout.step + 1, "weight": self.rollout.weight,
+                         "spec": self.rollout.spec.to_json(), "primary": self.rollout.primary,
+                         "candidate": self.rollout.candidate})
+        self._gauges()
+        self._checker.start()
+        self._flusher.start()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def routes_to_candidate(self, key: str) -> bool:
+        weight = self.rollout.weight
+        return weight >= 100 or (weight > 0 and bucket(self.rollout.salt, key) < weight)
+
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
+                    key: str | None = None) -> Answer:
+        if self.model is None or self.candidate is None:
+            raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        rollout = self.rollout
+        step = rollout.step + 1
+        if not self.routes_to_candidate(key if key is not None else digest(feed)):
+            if rollout.state != COMPLETE:
+                rollout.record_primary()
+                self._changes += 1
+            outputs, run_s = await self.model.infer(names, feed)
+            self.metrics.rollout_requests.inc(self.name, "primary", "ok")
+            return Answer(self.spec.version, outputs, run_s, extra={"variant": "primary", "step": step})
+        started = time.perf_counter()
+        try:
+            outputs, run_s = await self.candidate.infer(names, feed)
+        except InferenceFailed as err:
+            self._candidate_outcome(False, (time.perf_counter() - started) * 1000)
+            self.metrics.rollout_requests.inc(self.name, "candidate", "error")
+            # The user gets the primary's answer; the candidate's failure is counted and logged.
+            outputs, run_s = await self.model.infer(names, feed)
+            return Answer(self.spec.version, outputs, run_s,
+                          extra={"variant": "primary", "step": step, "fallback": err.message})
+        self._candidate_outcome(True, (time.perf_counter() - started) * 1000)
+        self.metrics.rollout_requests.inc(self.name, "candidate", "ok")
+        if rollout.state != COMPLETE and random.random() < rollout.spec.agreement_sample:
+            try:
+                self._checks.put_nowait((request_id, feed, outputs))
+            except queue.Full:
+                rollout.counts.checks_dropped += 1
+        return Answer(self.candidate_spec.version, outputs, run_s, extra={"variant": "candidate", "step": step})
+
+    def _candidate_outcome(self, ok: bool, latency_ms: float) -> None:
+        if self.rollout.state == COMPLETE:
+            return  # the rollout is over: nothing left to gate
+        self._changes += 1
+        decision = self.rollout.record_candidate(ok, latency_ms, time.time())
+        if decision is not None:
+            self._decided(decision)
+
+    # -- agreement checks, off the request's path ----------------------------------------------
+
+    def _check_worker(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            item = self._checks.get()
+            if item is _STOP:
+                return
+            try:
+                self._check(*item)
+            except Exception as err:  # noqa: BLE001 - a bug here must cost one check, not the rollout
+                print(f"rollout check: internal error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+
+    def _check(self, request_id: str, feed: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> None:
+        try:
+            primary = self.model.run(list(candidate), feed)  # type: ignore[union-attr]
+        except InferenceFailed:
+            return  # the primary fails on it too: no evidence either way
+        rows, agreed = row_agreement(primary, candidate, self.rollout.spec.agreement_tolerance)
+        if self.log is not None:
+            record = {"id": request_id, "time": now(), "model": self.name, "role": "check",
+                      "primary": {"version": self.spec.version, **outputs_field(primary)},
+                      "candidate": {"version": self.candidate_spec.version, **outputs_field(candidate)},
+                      "rows": rows, "agreed_rows": agreed}
+            record.update({k: v for k, v in compare(primary, candidate).items() if k.endswith("diff")})
+            self.log.write(record)
+        loop = self._loop
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._checked, rows, agreed)
+        except RuntimeError:  # the loop closed while the server stops
+            pass
+
+    def _checked(self, rows: int, agreed: int) -> None:
+        self.metrics.rollout_agreement.inc(self.name, "agree", amount=agreed)
+        self.metrics.rollout_agreement.inc(self.name, "disagree", amount=rows - agreed)
+        if self.rollout.state == COMPLETE:
+            return
+        self._changes += 1
+        decision = self.rollout.record_check(rows, agreed, time.time())
+        if decision is not None:
+            self._decided(decision)
+
+    # -- decisions and the state file ----------------------------------------------------------
+
+    def _decided(self, decision: dict[str, Any]) -> None:
+        """On the loop: the state is on disk before the next request is routed by it."""
+        self._changes += 1
+        self._persist(*self._snapshot())
+        self._log_event(decision)
+        self.metrics.rollout_decisions.inc(self.name, decision["event"])
+        self._gauges()
+        print(f"rollout {self.name} {self.candidate_spec.version}: {decision['event']} -> "
+              f"{self.rollout.state} at step {decision['step']} ({decision['weight']:g}%): {decision['reason']}",
+              file=sys.stderr, flush=True)
+
+    def _log_event(self, entry: dict[str, Any]) -> None:
+        if self.log is not None:
+            self.log.write({"id": "", "time": now(), "model": self.name, "role": "rollout", **entry})
+
+    def _gauges(self) -> None:
+        rollout, metrics = self.rollout, self.metrics
+        metrics.rollout_step.set(rollout.step + 1, self.name)
+        metrics.rollout_weight.set(rollout.weight, self.name)
+        for state in ("running", ROLLED_BACK, COMPLETE):
+            metrics.rollout_state.set(1 if rollout.state == state else 0, self.name, state)
+
+    def _snapshot(self) -> tuple[int, bytes, int]:
+        """(sequence number, the state serialised, changes it covers); on the loop (or before it runs)."""
+        return next(self._seq), json.dumps(self.rollout.to_json()).encode(), self._changes
+
+    def _persist(self, seq: int, data: bytes, changes: int) -> None:
+        with self._write_lock:
+            if seq <= self._written:  # a newer snapshot is already on disk
+                return
+            save(self.state_dir, json.loads(data))
+            self._written = seq
+            self._saved_changes = max(self._saved_changes, changes)
+
+    def _flush_worker(self) -> None:
+        while not self._stop.wait(FLUSH_S):
+            loop = self._loop
+            if loop is None:
+                continue
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                loop.call_soon_threadsafe(self._tick, done)
+            except RuntimeError:  # the loop is closed: close() writes the last state
+                return
+            snapshot = None
+            while not self._stop.is_set():  # a stopped loop never runs the tick
+                try:
+                    snapshot = done.result(timeout=0.1)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+            if snapshot is not None:
+                try:
+                    self._persist(*snapshot)
+                except OSError as err:
+                    print(f"rollout: cannot write the state in {self.state_dir}: {err.strerror}",
+                          file=sys.stderr, flush=True)
+
+    def _tick(self, done: concurrent.futures.Future) -> None:
+        """On the loop: a step may be complete by time alone; then hand over a snapshot if needed."""
+        try:
+            decision = self.rollout.evaluate(time.time())
+            if decision is not None:
+                self._decided(decision)
+            done.set_result(self._snapshot() if self._changes != self._saved_changes else None)
+        except BaseException as err:  # noqa: BLE001 - the flusher waits on this future
+            done.set_exception(err)
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.rollout.status(time.time())
+
+    def steer(self, action: str, reason: str) -> dict[str, Any]:
+        """``promote`` or ``rollback`` from an operator; 409 when there is nothing to do."""
+        try:
+            decision = self.rollout.steer(action, time.time(), reason)
+        except InputError as err:
+            raise RequestError(err.message, err.hint, 409) from None
+        self._decided(decision)
+        return self.status()
+
+    def close(self) -> None:
+        super().close()
+        self._stop.set()
+        if self._flusher.is_alive():
+            self._flusher.join(timeout=5)
+        if self._checker.is_alive():
+            try:
+                self._checks.put(_STOP, timeout=1)
+            except queue.Full:
+                pass
+            self._checker.join(timeout=5)
+        if self.candidate is not None:
+            self.candidate.close()
+        self._persist(*self._snapshot())  # the loop has stopped: nothing changes the state any more
