@@ -270,8 +270,11 @@ def test_shadow_and_report_errors_are_one_line(built_bundle, bundle_dir, tmp_pat
     manifest["inputs"][0]["shape"] = [manifest["inputs"][0]["shape"][0], 7]
     (other / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _reseal(other)
-    mismatch = runner.invoke(cli_app, ["serve", str(built_bundle), "--port", "0", "--shadow", str(other)])
+    log_dir = tmp_path / "log"
+    mismatch = runner.invoke(cli_app, ["serve", str(built_bundle), "--port", "0", "--shadow", str(other),
+                                       "--log-dir", str(log_dir)])
     assert_one_line_error(mismatch, 3, "takes X (FP32 [-1, 7]), the primary classifier takes X (FP32 [-1, 6])")
+    assert not log_dir.exists()  # refused before anything was written
     missing = runner.invoke(cli_app, ["serve", str(built_bundle), "--shadow", str(tmp_path / "none.tar.gz")])
     assert_one_line_error(missing, 3, "--shadow")
     assert_one_line_error(runner.invoke(cli_app, ["rollout", "report", "--log-dir", str(tmp_path / "no")]), 3,
@@ -288,3 +291,19 @@ def test_shadow_and_report_errors_are_one_line(built_bundle, bundle_dir, tmp_pat
     (empty / "predictions.jsonl").write_bytes(b'{"role": "primary", "id": "a"}\n')
     assert_one_line_error(runner.invoke(cli_app, ["rollout", "report", "--log-dir", str(empty)]), 3,
                           "no shadow pairs")
+
+
+def test_a_log_that_cannot_be_written_refuses_the_answer_with_503_and_the_server_goes_on(bundle_dir, tmp_path):
+    """No answer goes out without its log line: a full disk (/dev/full) turns answers into one-line 503s."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "predictions.jsonl").symlink_to("/dev/full")
+    served = Served([*SERVE, "--log-dir", str(log_dir)], bundle_dir)
+    try:
+        for _ in range(3):
+            status, answer = post(served.url + "/predict", {"rows": [ROW]})
+            assert status == 503 and "cannot write the prediction log (No space left on device)" in answer["error"]
+        assert get(served.url + "/v2/health/ready")[0] == 200
+    finally:
+        assert served.stop() == 0
+    assert sum("cannot write the prediction log" in line for line in served.log) == 3

@@ -108,9 +108,20 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
     spec = ModelSpec.from_bundle(root, manifest, settings.threads)
     stack = ExitStack()
     with stack:
+        # Every refusal comes before anything is written: the log folder, the rollout's lock and state.
+        candidate = None
+        if settings.shadow is not None:
+            # One intra-op thread for a shadow: it shares the host with the primary, which must not slow down.
+            candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
+        elif settings.phased is not None:
+            candidate = ModelSpec.from_bundle(settings.phased, candidate_manifest, settings.threads)  # type: ignore[arg-type]
+        if candidate is not None:
+            from .shadow import check_signatures
+
+            check_signatures(spec, candidate, "--shadow" if settings.shadow is not None else "--phased")
         rollout = None
         if settings.phased is not None:
-            rollout = _rollout(settings, spec, candidate_manifest, stack)  # before the log: a busy folder writes nothing
+            rollout = _rollout(settings, spec, candidate_manifest, stack)  # type: ignore[arg-type]
         log = None
         if settings.log_dir is not None:
             log = PredictionLog(settings.log_dir, settings.log_sample_rate, settings.log_max_mb, settings.log_keep)
@@ -118,15 +129,12 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
         if settings.shadow is not None:
             from .shadow import ShadowRoute
 
-            # One intra-op thread for the candidate: it shares the host with the primary, which must not slow down.
-            candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
-            registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))
+            registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))  # type: ignore[arg-type]
             metrics.shadow = True
         elif rollout is not None:
             from .phased import PhasedRoute
 
-            candidate = ModelSpec.from_bundle(settings.phased, candidate_manifest, settings.threads)  # type: ignore[arg-type]
-            registry.add(PhasedRoute(spec, candidate, settings.placement, metrics, log, rollout,
+            registry.add(PhasedRoute(spec, candidate, settings.placement, metrics, log, rollout,  # type: ignore[arg-type]
                                      settings.state_dir))  # type: ignore[arg-type]
             metrics.phased = True
         else:
