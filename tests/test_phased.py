@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,6 @@ import concurrent.futures
 import hashlib
 import itertools
 import json
-import os
 import queue
 import random
 import sys
@@ -37,11 +36,10 @@ from .errors import InferenceFailed, InputError, RequestError
 from .models import Answer, ModelSpec, ServedModel, SingleRoute
 from .prediction_log import PredictionLog, digest, now, outputs_field
 from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, save
-from .shadow import SHADOW_NICE, check_signatures, compare, labels
+from .shadow import STOP, check_signatures, compare, labels, work_off_path
 
 FLUSH_S = 0.5
 DEFAULT_CHECK_QUEUE = 64
-_STOP = object()
 
 
 def bucket(salt: str, key: str) -> float:
@@ -167,18 +165,7 @@ class PhasedRoute(SingleRoute):
     # -- agreement checks, off the request's path ----------------------------------------------
 
     def _check_worker(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
-        except (AttributeError, OSError):
-            pass
-        while True:
-            item = self._checks.get()
-            if item is _STOP:
-                return
-            try:
-                self._check(*item)
-            except Exception as err:  # noqa: BLE001 - a bug here must cost one check, not the rollout
-                print(f"rollout check: internal error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        work_off_path(self._checks, self._check, "rollout check")
 
     def _check(self, request_id: str, feed: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> None:
         try:
@@ -301,7 +288,7 @@ class PhasedRoute(SingleRoute):
             self._flusher.join(timeout=5)
         if self._checker.is_alive():
             try:
-                self._checks.put(_STOP, timeout=1)
+                self._checks.put(STOP, timeout=1)
             except queue.Full:
                 pass
             self._checker.join(timeout=5)

@@ -17,7 +17,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from .prediction_log import PredictionLog, now, outputs_field
 
 DEFAULT_QUEUE = 64
 SHADOW_NICE = 10
-_STOP = object()
+STOP = object()  # put on a worker's queue to end it
 
 
 def check_signatures(primary: ModelSpec, candidate: ModelSpec, flag: str = "--shadow") -> None:
@@ -66,6 +66,25 @@ def compare(primary: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) ->
         result["max_abs_diff"] = float(max(d.max() for d in diffs))
         result["mean_abs_diff"] = float(sum(d.sum() for d in diffs) / sum(d.size for d in diffs))
     return result
+
+
+def work_off_path(items: queue.Queue, handle: Callable[..., None], label: str) -> None:
+    """A worker thread's loop: ``handle(*item)`` for each item until ``STOP``, at nice 10. Linux
+    nices threads one by one: the thread (and the single onnxruntime thread of a model it runs)
+    then yields the CPU to the event loop whenever both want it on a busy host. A bug costs one
+    item, never the worker."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
+    except (AttributeError, OSError):
+        pass
+    while True:
+        item = items.get()
+        if item is STOP:
+            return
+        try:
+            handle(*item)
+        except Exception as err:  # noqa: BLE001 - see above
+            print(f"{label}: internal error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
 class ShadowRoute(SingleRoute):
@@ -111,20 +130,7 @@ class ShadowRoute(SingleRoute):
         return Answer(answer.version, answer.outputs, answer.run_s, shadow)
 
     def _work(self) -> None:
-        try:
-            # Linux nices threads one by one: the candidate (its single onnxruntime thread is this one)
-            # then yields the CPU to the event loop whenever both want it on a busy host.
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
-        except (AttributeError, OSError):
-            pass
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            try:
-                self._pair(*item)
-            except Exception as err:  # noqa: BLE001 - a bug here must cost one pair, not the shadow
-                print(f"shadow: internal error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        work_off_path(self._queue, self._pair, "shadow")
 
     def _pair(self, request_id: str, feed: dict[str, np.ndarray], answer: Answer, queued_at: float) -> None:
         candidate = self.candidate_spec
@@ -175,7 +181,7 @@ class ShadowRoute(SingleRoute):
         super().close()
         if self._worker.is_alive():
             try:
-                self._queue.put(_STOP, timeout=1)
+                self._queue.put(STOP, timeout=1)
             except queue.Full:
                 pass
             self._worker.join(timeout=5)  # finish the pair in hand so its line is written
