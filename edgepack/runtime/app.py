@@ -8,6 +8,7 @@ goes on serving either way.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import traceback
@@ -17,7 +18,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from . import v2
+from . import openapi, v2
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .models import Registry
@@ -33,6 +34,7 @@ _BODY_HEADERS = (b"content-length", b"content-encoding", b"expect", b"inference-
 # A refused body is read (and dropped) up to this many times the limit, so that the client reads
 # the 413; past that the server answers at once and drops the connection.
 _DRAIN_FACTOR = 4
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class App:
         self.tracing = log is not None or any(route.mode != "single" for route in registry)
         self._server_metadata = orjson.dumps({"name": "edgepack", "version": settings.server_version,
                                               "extensions": list(v2.EXTENSIONS)})
+        self._openapi = orjson.dumps(openapi.document(registry, settings.server_version))
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -91,7 +94,7 @@ class App:
             if self.log is not None and call.endpoint in _INFERENCE:
                 # Written before the answer is sent: an acknowledged request always has its line.
                 self._log(call, scope, status, time.perf_counter() - started)
-                headers.append((b"x-request-id", call.request_id.encode()))
+                headers.append((b"x-request-id", _header_value(call.request_id)))
             await send({"type": "http.response.start", "status": status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -202,6 +205,8 @@ class App:
             return (200 if ready else 503), orjson.dumps({"ready": ready}), as_json
         if endpoint == "server_metadata":
             return 200, self._server_metadata, as_json
+        if endpoint == "openapi":
+            return 200, self._openapi, as_json
         if endpoint == "models":
             return 200, orjson.dumps({"models": [{"name": r.name, "versions": r.versions, "platform": v2.PLATFORM,
                                                   "ready": r.ready} for r in self.registry]}), as_json
@@ -250,6 +255,16 @@ def _request_id(scope: dict[str, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def _header_value(text: str) -> bytes:
+    """A request id as a header value: in latin-1, as a client's X-Request-Id came, else in UTF-8;
+    with control characters, which would end the header, %-escaped (the body echoes the id as is)."""
+    try:
+        value = text.encode("latin-1")
+    except UnicodeEncodeError:
+        value = text.encode("utf-8", "backslashreplace")
+    return _CONTROL_BYTES.sub(lambda match: b"%%%02X" % match[0][0], value)
+
+
 def _too_large(limit: int) -> RequestError:
     return RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
                         "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
@@ -291,6 +306,8 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
                 return "infer", name, version
     elif len(parts) == 1 and parts[0] in ("predict", "metrics"):
         return parts[0], None, None
+    elif parts == ["openapi.json"]:
+        return "openapi", None, None
     return "unknown", None, None
 
 
