@@ -4,11 +4,13 @@ Standard library only, like the rest of the runtime. The document is specific to
 the ``model_name`` and ``model_version`` path parameters and the input and output names of an
 inference request are enums of what this server's models take, so a client (or a fuzzer) reading
 it knows the valid names up front. It describes every status the server really answers with, the
-refusals included: ``tests/test_openapi.py`` fuzzes the server against it.
+refusals included (a request to a path with the wrong method is a 405 with an Allow header, as
+HTTP says, on every path): ``tests/test_openapi.py`` fuzzes the server against it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .v2 import DATATYPES, EXTENSIONS, PLATFORM
@@ -16,18 +18,22 @@ from .v2 import DATATYPES, EXTENSIONS, PLATFORM
 OPENAPI_VERSION = "3.0.3"
 # Every datatype of the protocol (what a request may name); a model takes one per input.
 V2_DATATYPES = tuple(DATATYPES.values())
-# "version=0.0.4" is part of the Prometheus text format's media type.
+# The media type of metrics.CONTENT_TYPE, without its parameters (version=0.0.4, charset).
 METRICS_MEDIA_TYPE = "text/plain"
 
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _ERROR = {"$ref": "#/components/schemas/Error"}
+_REQUEST_ID = {"name": "X-Request-Id", "in": "header", "required": False,
+               "description": "The request's id in the prediction log when the body gives none (and echoed).",
+               "schema": {"type": "string"}}
+_REQUEST_ID_ECHO = {"X-Request-Id": {"description": "With a prediction log: the id the request was logged under.",
+                                     "schema": {"type": "string"}}}
 _REFUSALS = {
     400: "The request is malformed: not JSON, or inputs that do not fit the model (the error names which).",
     401: "An admin token is configured and the request's bearer token is missing or wrong.",
     403: "No admin token is configured and the client is not on the loopback interface.",
     404: "No model (or version) by that name on this server.",
-    405: "The path takes another method (the Allow header names it).",
     409: "The move is impossible: the server is not in phased mode, or the rollout cannot move that way now.",
     413: "The body is larger than the server's limit (--max-body-mb).",
     415: "The body is compressed (Content-Encoding other than identity); send it uncompressed.",
@@ -122,9 +128,7 @@ def _examples(signature: Any) -> tuple[dict[str, Any], Any]:
     inputs, rows = [], {}
     for sig in signature.inputs.values():
         shape = [1] + [d if d >= 0 else 1 for d in sig.shape[1:]] if sig.shape else []
-        count = 1
-        for d in shape:
-            count *= d
+        count = math.prod(shape)
         zero = "" if sig.datatype == "BYTES" else False if sig.datatype == "BOOL" else 0
         inputs.append({"name": sig.name, "shape": shape, "datatype": sig.datatype, "data": [zero] * count})
         rows[sig.name] = _nested([zero] * count, shape)
@@ -137,13 +141,6 @@ def _nested(flat: list[Any], shape: list[int]) -> Any:
         return flat
     step = len(flat) // shape[0]
     return [_nested(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
-
-
-_REQUEST_ID = {"name": "X-Request-Id", "in": "header", "required": False,
-               "description": "The request's id in the prediction log when the body gives none (and echoed).",
-               "schema": {"type": "string"}}
-_REQUEST_ID_ECHO = {"X-Request-Id": {"description": "With a prediction log: the id the request was logged under.",
-                                     "schema": {"type": "string"}}}
 
 
 def _infer(operation_id: str, parameters: list[dict[str, Any]], example: dict[str, Any]) -> dict[str, Any]:
@@ -265,7 +262,7 @@ def _schemas(inputs: list[str], outputs: list[str]) -> dict[str, Any]:
         "PredictRequest": {
             "description": 'Rows for a model with one input: {"rows": [[...], ...]} or a bare list of rows; '
                            'for several inputs, {"inputs": {name: rows}}.',
-            "oneOf": [{"$ref": "#/components/schemas/Rows"},
+            "anyOf": [{"$ref": "#/components/schemas/Rows"},
                       _object({"rows": {"$ref": "#/components/schemas/Rows"}}, required=["rows"]),
                       _object({"inputs": {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/Rows"}}},
                               required=["inputs"])]},
