@@ -10,11 +10,16 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
-from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
-                                 response_schema_conformance, status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from test_serve import Served, get, request
 
 from edgepack.runtime.bundle import extract_archive
-from test_serve import Served, get, request
 
 # Per operation, for the fuzzing phase; the examples and coverage phases add their own (schema-sized) cases.
 FUZZ_EXAMPLES = 50
