@@ -427,3 +427,21 @@ def test_phased_errors_are_one_line(built_bundle, bundle_dir, same_model, tmp_pa
     empty.mkdir()
     assert_one_line_error(runner.invoke(cli_app, ["rollout", "promote", "--state-dir", str(empty)]), 3,
                           "no rollout.json in it")
+
+
+def test_a_versioned_request_is_answered_by_that_version_outside_the_gates(bundle_dir, same_model, tmp_path, rows,
+                                                                          primary_version):
+    served = _phased(bundle_dir, same_model, tmp_path / "state", "--steps", "10,100", "--min-samples", "1000")
+    client = Client(served.url)
+    try:
+        models = get(served.url + "/v2/models/classifier")[1]
+        assert sorted(models["versions"]) == sorted([primary_version, "same"])
+        body = {"inputs": [{"name": "X", "shape": [1, 6], "datatype": "FP32", "data": rows[0].tolist()}]}
+        for version in ("same", primary_version):
+            for _ in range(5):
+                code, answer = client.call("POST", f"/v2/models/classifier/versions/{version}/infer", body)
+                assert code == 200 and answer["model_version"] == version
+        figures = client.status()["figures"]
+        assert figures["candidate_requests"] == figures["primary_requests"] == 0  # pinned: not the rollout's traffic
+    finally:
+        assert served.stop() == 0

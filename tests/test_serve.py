@@ -240,6 +240,9 @@ INFER_REFUSALS = [
      ["input 'X'", "nested as [2, 3]"]),
     ({"inputs": [{"name": "X", "shape": [1, 6], "datatype": "FP32", "data": ROW}], "outputs": [{"name": "logits"}]},
      400, ["unknown output 'logits'", "label", "probabilities"]),
+    # A lone surrogate: the standard library reads it, orjson could not write it back (the id is echoed): was a 500.
+    (b'{"id": "a\\udc00", "inputs": [{"name": "X", "shape": [1, 6], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}',
+     400, ["\\udc00", "surrogate"]),
 ]
 
 

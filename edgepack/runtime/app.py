@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import re
 import sys
 import time
 import traceback
@@ -19,7 +20,7 @@ from typing import Any, Awaitable, Callable
 
 import orjson
 
-from . import v2
+from . import openapi, v2
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .models import Registry
@@ -35,6 +36,7 @@ _BODY_HEADERS = (b"content-length", b"content-encoding", b"expect", b"inference-
 # A refused body is read (and dropped) up to this many times the limit, so that the client reads
 # the 413; past that the server answers at once and drops the connection.
 _DRAIN_FACTOR = 4
+_CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class App:
         self.tracing = log is not None or any(route.mode != "single" for route in registry)
         self._server_metadata = orjson.dumps({"name": "edgepack", "version": settings.server_version,
                                               "extensions": list(v2.EXTENSIONS)})
+        self._openapi = orjson.dumps(openapi.document(registry, settings.server_version))
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -96,7 +99,7 @@ class App:
                 # Written before the answer is sent: an acknowledged request always has its line.
                 try:
                     self._log(call, scope, status, time.perf_counter() - started)
-                    headers.append((b"x-request-id", call.request_id.encode()))
+                    headers.append((b"x-request-id", _header_value(call.request_id)))
                 except OSError as err:  # a full disk: no answer goes out that the log does not hold
                     status, headers = 503, [(b"content-type", _JSON)]
                     message = (f"cannot write the prediction log ({err.strerror or err}); the request was not "
@@ -183,7 +186,7 @@ class App:
                 call.request_id = request.id or _request_id(scope)
                 call.feed = request.inputs
             answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
-                                       _header(scope, route.key_header) if route.key_header else None)
+                                       _header(scope, route.key_header) if route.key_header else None, version)
             call.version, call.outputs, call.shadow, call.extra = answer.version, answer.outputs, answer.shadow, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
@@ -219,7 +222,7 @@ class App:
         if endpoint == "rollout_status":
             if route.mode != "phased":
                 return 200, orjson.dumps({"mode": route.mode, "model": route.name, "versions": route.versions,
-                                          "state": None, "step": None, "weight": None}), as_json
+                                          "state": None, "step": None, "weight": None, "gates": None}), as_json
             return 200, orjson.dumps(route.status()), as_json
         body, _ = await self._body(scope, receive)
         reason = _reason(body)
@@ -254,6 +257,8 @@ class App:
             return (200 if ready else 503), orjson.dumps({"ready": ready}), as_json
         if endpoint == "server_metadata":
             return 200, self._server_metadata, as_json
+        if endpoint == "openapi":
+            return 200, self._openapi, as_json
         if endpoint == "models":
             return 200, orjson.dumps({"models": [{"name": r.name, "versions": r.versions, "platform": v2.PLATFORM,
                                                   "ready": r.ready} for r in self.registry]}), as_json
@@ -320,6 +325,16 @@ def _reason(body: bytes) -> str:
     return data.get("reason", "")[:500]
 
 
+def _header_value(text: str) -> bytes:
+    """A request id as a header value: in latin-1, as a client's X-Request-Id came, else in UTF-8;
+    with control characters, which would end the header, %-escaped (the body echoes the id as is)."""
+    try:
+        value = text.encode("latin-1")
+    except UnicodeEncodeError:
+        value = text.encode("utf-8", "backslashreplace")
+    return _CONTROL_BYTES.sub(lambda match: b"%%%02X" % match[0][0], value)
+
+
 def _too_large(limit: int) -> RequestError:
     return RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
                         "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
@@ -361,6 +376,8 @@ def route_of(path: str) -> tuple[str, str | None, str | None]:
                 return "infer", name, version
     elif len(parts) == 1 and parts[0] in ("predict", "metrics"):
         return parts[0], None, None
+    elif parts == ["openapi.json"]:
+        return "openapi", None, None
     elif parts[0] == "admin" and len(parts) in (2, 3) and parts[1] == "rollout":
         if len(parts) == 2:
             return "rollout_status", None, None

@@ -198,9 +198,10 @@ class SingleRoute:
         self.model = ServedModel(self.spec, self.placement)
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
-                    key: str | None = None) -> Answer:
+                    key: str | None = None, version: str | None = None) -> Answer:
         """``request_id`` ties what a shadow or phased route logs to the request's primary line;
-        ``key`` is the request's sticky-assignment key, when a phased route asked for one."""
+        ``key`` is the request's sticky-assignment key, when a phased route asked for one; ``version``
+        the one the request's path named (the registry checked it is served)."""
         if self.model is None:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
         outputs, run_s = await self.model.infer(names, feed)

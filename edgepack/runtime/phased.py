@@ -121,13 +121,18 @@ class PhasedRoute(SingleRoute):
         return weight >= 100 or (weight > 0 and bucket(self.rollout.salt, key) < weight)
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
-                    key: str | None = None) -> Answer:
+                    key: str | None = None, version: str | None = None) -> Answer:
         if self.model is None or self.candidate is None:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         rollout = self.rollout
         step = rollout.step + 1
+        if version is not None:  # /v2/models/NAME/versions/V/infer: that version answers, outside the gates
+            pinned = self.candidate if version == self.candidate_spec.version else self.model
+            outputs, run_s = await pinned.infer(names, feed)
+            variant = "candidate" if pinned is self.candidate else "primary"
+            return Answer(pinned.spec.version, outputs, run_s, extra={"variant": variant, "step": step, "pinned": True})
         if not self.routes_to_candidate(key if key is not None else digest(feed)):
             if rollout.state != COMPLETE:
                 rollout.record_primary()

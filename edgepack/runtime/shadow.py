@@ -117,7 +117,7 @@ class ShadowRoute(SingleRoute):
         self._worker.start()
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
-                    key: str | None = None) -> Answer:
+                    key: str | None = None, version: str | None = None) -> Answer:
         answer = await super().infer(names, feed)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ _DATATYPE_OF = {np.dtype(name): datatype for name, datatype in DATATYPES.items()
 _ORJSON_NATIVE = {np.dtype(name) for name in ("float64", "float32", "int64", "int32", "int16", "int8",
                                               "uint64", "uint32", "uint16", "uint8", "bool")}
 _DUMP = orjson.OPT_SERIALIZE_NUMPY
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,25 @@ def load_json(raw: bytes | memoryview) -> Any:
         # orjson refuses NaN, Infinity and 1e400; the standard library reads them, so the check of
         # values can refuse them by name (or let them through with --allow-nonfinite).
         try:
-            return json.loads(bytes(raw))
+            value = json.loads(bytes(raw))
         except (ValueError, RecursionError):
             raise RequestError(f"the body is not valid JSON ({err})", "send a JSON object") from None
+        # It also reads a lone surrogate escape ("\ud800"), which is no text: echoed (the request
+        # id), logged or given to onnxruntime, it would fail the answer with a 500.
+        if _SURROGATE_ESCAPE.search(raw):
+            _check_text(value)
+        return value
+
+
+def _check_text(value: Any) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        half = err.object[err.start:err.end].encode("unicode_escape").decode()
+        raise RequestError(f"the body holds {half}, half of a UTF-16 surrogate pair without the other half",
+                           "escape a character beyond U+FFFF as a whole surrogate pair, or send it as UTF-8") from None
+    except (ValueError, RecursionError):  # NaN and infinity are allowed here; nesting is checked later
+        pass
 
 
 def parse_infer(body: bytes, header_length: int | None, signature: Signature, allow_nonfinite: bool) -> InferRequest:
