@@ -416,6 +416,9 @@ def test_phased_errors_are_one_line(built_bundle, bundle_dir, same_model, tmp_pa
     assert_one_line_error(runner.invoke(cli_app, [*base, "--phased", str(same_model), "--shadow", str(same_model),
                                                   "--state-dir", str(tmp_path / "s")]), 3, "--shadow and --phased")
     assert_one_line_error(runner.invoke(cli_app, [*base, "--steps", "10,100"]), 2, "go with --phased")
+    assert_one_line_error(runner.invoke(cli_app, [*base, "--phased", str(built_bundle), "--state-dir", str(tmp_path / "s")]),
+                          3, "is the bundle already served: nothing to roll out")
+    assert not (tmp_path / "s").exists()  # refused before anything was written
     other = tmp_path / "other-state"
     other.mkdir()
     save(other, Rollout.start(RolloutSpec(), "classifier", "v0", "v9", 0).to_json())

@@ -115,6 +115,9 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
             candidate = ModelSpec.from_bundle(settings.shadow, candidate_manifest, 1)  # type: ignore[arg-type]
         elif settings.phased is not None:
             candidate = ModelSpec.from_bundle(settings.phased, candidate_manifest, settings.threads)  # type: ignore[arg-type]
+        if settings.phased is not None and candidate is not None and candidate.version == spec.version:
+            raise InputError(f"--phased {spec.name} {spec.version} is the bundle already served: nothing to roll out",
+                             "give the candidate bundle, built from the new model")
         if candidate is not None:
             from .shadow import check_signatures
 
