@@ -296,6 +296,10 @@ def verdicts(table: dict[str, dict[str, float]], rounds: list[dict[str, dict]]) 
     return lines
 
 
+def _ratio(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
@@ -342,7 +346,7 @@ def main() -> None:
     print("-" * len(header))
     for name, row in table.items():
         print(f"{name:<16} {row['c1_p50_ms']:>8.3f} {row['c1_p99_ms']:>8.3f} {row['c16_p50_ms']:>9.3f} "
-              f"{row['c16_p99_ms']:>9.3f} {row['c16_rps']:>11.0f} {row['vs_fastapi']:>10.2f}x "
+              f"{row['c16_p99_ms']:>9.3f} {row['c16_rps']:>11.0f} {_ratio(row['vs_fastapi']):>11} "
               f"{row['startup_s']:>10.3f} {row['rss_mb']:>7.1f} {row['hwm_mb']:>8.1f}"
               + (f"  ({row['errors']} errors)" if row["errors"] else ""))
     for name, why in skipped.items():

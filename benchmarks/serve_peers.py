@@ -67,8 +67,12 @@ KSERVE = '''
 import sys
 
 MODEL_PATH, NAME, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# KServe parses sys.argv when imported. Its per-request latency log is off and the access log
+# and KServe's per-request trace lines are quietened, as no other server here logs per request to the console.
 sys.argv = [sys.argv[0], "--http_port", str(PORT), "--grpc_port", str(PORT + 1), "--workers", "1",
-            "--enable_grpc", "false"]
+            "--enable_grpc", "false", "--enable_latency_logging", "false"]
+import logging
+import uuid
 import kserve
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 ''' + _SESSION + '''
@@ -83,11 +87,15 @@ class Forest(Model):
         values = SESSION.run(None, {INPUT: x})
         outputs = [InferOutput(name=n, shape=list(v.shape), datatype=DATATYPES[v.dtype], data=v.reshape(-1).tolist())
                    for n, v in zip(OUTPUTS, values)]
-        return InferResponse(response_id=payload.id, model_name=self.name, infer_outputs=outputs)
+        return InferResponse(response_id=payload.id or uuid.uuid4().hex, model_name=self.name, infer_outputs=outputs)
 
 
-ModelServer(http_port=PORT, grpc_port=PORT + 1, workers=1, enable_grpc=False,
-            enable_docs_url=False, access_log_format=None).start([Forest(NAME)])
+server = ModelServer(http_port=PORT, grpc_port=PORT + 1, workers=1, enable_grpc=False, enable_docs_url=False,
+                     enable_latency_logging=False)
+logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+logging.getLogger("uvicorn.access").disabled = True
+logging.getLogger("kserve.trace").disabled = True
+server.start([Forest(NAME)])
 '''
 
 BENTOML = '''
