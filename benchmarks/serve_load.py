@@ -31,8 +31,10 @@ edgepack importable (``PYTHONPATH=$PWD``).
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -47,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_peers import PEERS, Peer, ensure_venv  # noqa: E402
-from wrk_load import check_wrk, run_wrk  # noqa: E402
+from serve_peers import PEERS, Peer, ensure_venv
+from wrk_load import check_wrk, run_wrk
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -105,11 +107,10 @@ def build_bundles(folder: Path) -> tuple[Path, Path, bytes]:
     roots = []
     for seed in (0, 1):
         subprocess.run([sys.executable, "-c", TRAIN, str(seed), str(folder)], check=True, env=_env())
-        done = subprocess.run([sys.executable, "-m", "edgepack", "build", str(folder / f"forest{seed}.skops"),
-                               "--sample", str(folder / "sample.npy"), "--target", "edge", "--quantize", "none",
-                               "--name", NAME, "--trust", "sklearn.tree._tree.Tree", "--out",
-                               str(folder / f"dist{seed}"), "--json"],
-                              capture_output=True, text=True, env=_env(), cwd=folder)
+        command = [sys.executable, "-m", "edgepack", "build", str(folder / f"forest{seed}.skops"), "--sample",
+                   str(folder / "sample.npy"), "--target", "edge", "--quantize", "none", "--name", NAME,
+                   "--trust", "sklearn.tree._tree.Tree", "--out", str(folder / f"dist{seed}"), "--json"]
+        done = subprocess.run(command, check=False, capture_output=True, text=True, env=_env(), cwd=folder)
         if done.returncode != 0:
             raise SystemExit(f"edgepack build failed:\n{done.stderr}")
         roots.append(extract_archive(folder / json.loads(done.stdout)["bundle"], folder / f"bundle{seed}"))
@@ -288,7 +289,7 @@ def verdicts(table: dict[str, dict[str, float]], rounds: list[dict[str, dict]]) 
               ("RSS after load (VmRSS)", edge.get("rss_mb"), TARGETS["rss_mb"], "MB", "<=")]
     lines = []
     for label, value, target, unit, sense in checks:
-        if value is None or value != value:
+        if value is None or math.isnan(value):
             lines.append((label, "n/a", f"{sense} {target:g} {unit}", "n/a"))
             continue
         passed = value <= target if sense == "<=" else value >= target
@@ -297,7 +298,7 @@ def verdicts(table: dict[str, dict[str, float]], rounds: list[dict[str, dict]]) 
 
 
 def _ratio(value: float) -> str:
-    return "n/a" if value != value else f"{value:.2f}x"
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
 
 
 def main() -> None:
@@ -327,7 +328,7 @@ def main() -> None:
                 say(f"skipping {name}: {why}")
                 skipped[name] = why
             else:
-                servers[name] = (lambda peer: lambda: start_peer(peer, root, work))(PEERS[name])
+                servers[name] = functools.partial(start_peer, PEERS[name], root, work)
         raw = raw_session_run(root, min(args.duration, 5))
         say(f"raw session.run (batch 1, 1 thread, CPU {SERVER_CPU}): p50 {raw['p50_ms']:.4f} ms")
         rounds = []

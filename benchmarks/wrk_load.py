@@ -109,7 +109,7 @@ def run_wrk(url: str, body: bytes, connections: int, seconds: float, cpu: int | 
                    "--timeout", "10s", "-s", str(folder / "load.lua"), url]
         if cpu is not None:
             command = ["taskset", "-c", str(cpu), *command]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=seconds + 60)
+        done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=seconds + 60)
         if done.returncode != 0 or not (folder / "samples").is_file():
             raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
         lines = (folder / "samples").read_text().splitlines()
