@@ -144,7 +144,9 @@ def parse_infer(body: bytes, header_length: int | None, signature: Signature, al
         if item.get("datatype") != sig.datatype:
             raise RequestError(f"input {name!r} has datatype {item.get('datatype')!r}, the model takes {sig.datatype}")
         shape = _checked_shape(sig, item.get("shape"))
-        size = _object(item.get("parameters"), f"input {name!r} parameters").get("binary_data_size")
+        item_parameters = item.get("parameters")
+        size = None if item_parameters is None else \
+            _object(item_parameters, f"input {name!r} parameters").get("binary_data_size")
         if size is not None:
             if not _whole(size) or offset + size > len(tail):
                 raise RequestError(f"input {name!r}: binary_data_size {size!r} runs past the end of the body "
@@ -317,6 +319,10 @@ def _cast(sig: TensorSig, raw: np.ndarray, shape: tuple[int, ...], allow_nonfini
 
 
 def _check_finite(sig: TensorSig, array: np.ndarray, raw: np.ndarray | None, allow_nonfinite: bool) -> None:
+    # FP16/FP32: a finite float64 sum means every value is finite (NaN and infinity propagate
+    # through a sum, and float64 cannot overflow on them): one reduction, no temporary array.
+    if array.dtype.itemsize < 8 and math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+        return
     finite = np.isfinite(array)
     if finite.all():
         return
