@@ -125,6 +125,19 @@ def _wait_for(predicate, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone or a zombie waiting for a parent (an init that does not reap, in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def _infer(url: str, batch: np.ndarray, request_id: str) -> tuple[int, dict]:
     return post(url + "/v2/models/classifier/infer",
                 {"id": request_id, "inputs": [{"name": "X", "shape": list(batch.shape), "datatype": "FP32",
@@ -150,9 +163,12 @@ def test_same_model_agrees_fully_and_a_killed_server_keeps_every_acknowledged_li
         _wait_for(lambda: _metric(served.url, key) == count)
         agree = _metric(served.url, f'edgepack_shadow_agreement_total{{model="classifier",version="{version}",result="agree"}}')
         assert agree == 3 * count
+        workers = _children(served.process.pid)
+        assert len(workers) == 1  # the candidate's own process
     finally:
         served.process.send_signal(signal.SIGKILL)
         served.process.wait(timeout=30)
+    _wait_for(lambda: not any(_alive(pid) for pid in workers), 30)  # a killed server leaves no worker behind
     records = _lines(log_dir)
     primary = [r for r in records if r["role"] == "primary"]
     assert [r["id"] for r in primary] == [f"same-{i}" for i in range(count)]
@@ -275,6 +291,9 @@ def test_shadow_and_report_errors_are_one_line(built_bundle, bundle_dir, tmp_pat
                                        "--log-dir", str(log_dir)])
     assert_one_line_error(mismatch, 3, "takes X (FP32 [-1, 7]), the primary classifier takes X (FP32 [-1, 6])")
     assert not log_dir.exists()  # refused before anything was written
+    broken = _candidate(bundle_dir, tmp_path / "broken", "broken", lambda path: path.write_bytes(b"not onnx"))
+    unloadable = runner.invoke(cli_app, ["serve", str(built_bundle), "--port", "0", "--shadow", str(broken)])
+    assert_one_line_error(unloadable, 8, "--shadow classifier broken: the candidate could not be loaded: onnxruntime")
     missing = runner.invoke(cli_app, ["serve", str(built_bundle), "--shadow", str(tmp_path / "none.tar.gz")])
     assert_one_line_error(missing, 3, "--shadow")
     assert_one_line_error(runner.invoke(cli_app, ["rollout", "report", "--log-dir", str(tmp_path / "no")]), 3,

@@ -45,6 +45,7 @@ class ModelSpec:
     threads: int | None
     providers: list[str] | None
     warmup: Path | None  # sample rows for the warm-up runs (the bundle's bench input)
+    root: Path  # the bundle folder
 
     @classmethod
     def from_bundle(cls, root: Path, manifest: dict[str, Any], threads: int | None = None) -> ModelSpec:
@@ -56,7 +57,7 @@ class ModelSpec:
         warmup = manifest.get("bench_input")
         return cls(manifest["name"], manifest["version"], root / manifest["model"], signature,
                    threads if threads is not None else target.get("threads"), target.get("providers"),
-                   root / warmup if warmup and (root / warmup).is_file() else None)
+                   root / warmup if warmup and (root / warmup).is_file() else None, root)
 
 
 class ServedModel:

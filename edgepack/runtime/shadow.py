@@ -1,12 +1,14 @@
 """Shadow mode: the primary answers; a candidate runs the same input off the request's path.
 
-The route hands each answered request's input and the primary's outputs to a bounded queue read
-by one worker thread, and returns at once: the primary's answer never waits for the candidate.
-When the queue is full the shadow work is dropped and counted (flooding must slow nothing but the
-shadow). The worker runs the candidate, compares, and writes one ``role: shadow`` line to the
-prediction log per pair; a candidate failure is caught, counted and logged there, never seen by
-the client. Metrics are updated on the event loop's thread (``call_soon_threadsafe``), because
-``metrics`` is lock-free by design.
+The candidate lives in its own process (``shadow_worker``, at nice 19), so its work never holds
+the GIL the server's event loop needs. The route hands each answered request's input and the
+primary's outputs to a bounded queue and returns at once: the primary's answer never waits for the
+candidate. When the queue is full the shadow work is dropped and counted (flooding must slow
+nothing but the shadow). A sender thread writes the queue to the worker's pipe; a receiver thread
+reads back one record per pair, writes it as a ``role: shadow`` line to the prediction log, and
+counts it; a candidate failure is caught there, counted and logged, never seen by the client.
+Metrics are updated on the event loop's thread (``call_soon_threadsafe``), because ``metrics`` is
+lock-free by design.
 """
 
 from __future__ import annotations
@@ -14,16 +16,19 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .errors import InputError
-from .models import Answer, ModelSpec, ServedModel, SingleRoute
-from .prediction_log import PredictionLog, now, outputs_field
+from .errors import InputError, UnsupportedHere
+from .models import Answer, ModelSpec, SingleRoute
+from .prediction_log import PredictionLog
 
 DEFAULT_QUEUE = 64
 SHADOW_NICE = 10
@@ -88,7 +93,8 @@ def work_off_path(items: queue.Queue, handle: Callable[..., None], label: str) -
 
 
 class ShadowRoute(SingleRoute):
-    """The primary's route, plus a candidate fed from a bounded queue. Only the primary is addressable."""
+    """The primary's route, plus a candidate in a worker process fed from a bounded queue. Only the
+    primary is addressable."""
 
     mode = "shadow"
 
@@ -99,22 +105,34 @@ class ShadowRoute(SingleRoute):
             raise InputError(f"--shadow-queue {queue_size}: expected at least 1", "e.g. --shadow-queue 64")
         check_signatures(spec, candidate)
         self.candidate_spec = candidate
-        self.candidate: ServedModel | None = None
+        self.candidate: Candidate | None = None
         self.metrics = metrics
         self.log = log
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._worker = threading.Thread(target=self._work, name="shadow", daemon=True)
+        self._process: subprocess.Popen | None = None
+        self._sender = threading.Thread(target=self._send, name="shadow-send", daemon=True)
+        self._receiver = threading.Thread(target=self._receive, name="shadow-receive", daemon=True)
 
     @property
     def ready(self) -> bool:
         return self.model is not None and self.candidate is not None
 
     def load(self) -> None:
+        """The candidate's process starts first: it loads while the primary does."""
+        self._process = _start_worker(self.candidate_spec.root)
         super().load()
-        # "thread" placement: the candidate only ever runs in the worker, never on the loop.
-        self.candidate = ServedModel(self.candidate_spec, "thread")
-        self._worker.start()
+        from .shadow_worker import read_frame
+
+        first = read_frame(self._process.stdout)  # type: ignore[arg-type]
+        if first is None or not first[0].get("ready"):
+            self._process.wait(timeout=30)
+            why = first[0].get("error") if first else f"it exited with code {self._process.returncode}"
+            raise UnsupportedHere(f"--shadow {self.candidate_spec.name} {self.candidate_spec.version}: the candidate "
+                                  f"could not be loaded: {why}", "check the candidate bundle with edgepack verify")
+        self.candidate = Candidate(self.candidate_spec, first[0]["warm_run_s"])
+        self._sender.start()
+        self._receiver.start()
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
                     key: str | None = None, version: str | None = None) -> Answer:
@@ -122,54 +140,68 @@ class ShadowRoute(SingleRoute):
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         try:
-            self._queue.put_nowait((request_id, feed, answer, time.perf_counter()))
+            self._queue.put_nowait((request_id, feed, answer, time.monotonic()))
             shadow = "queued"
         except queue.Full:
             self.metrics.shadow_dropped.inc(self.name, self.candidate_spec.version)
             shadow = "dropped"
         return Answer(answer.version, answer.outputs, answer.run_s, shadow)
 
-    def _work(self) -> None:
-        work_off_path(self._queue, self._pair, "shadow")
+    def _send(self) -> None:
+        from .shadow_worker import write_frame
 
-    def _pair(self, request_id: str, feed: dict[str, np.ndarray], answer: Answer, queued_at: float) -> None:
-        candidate = self.candidate_spec
-        record: dict[str, Any] = {"id": request_id, "time": now(), "model": self.name, "role": "shadow",
-                                  "primary": {"version": answer.version, "run_ms": answer.run_s * 1000,
-                                              **outputs_field(answer.outputs)},
-                                  "queued_ms": (time.perf_counter() - queued_at) * 1000}
-        started = time.perf_counter()
+        pipe = self._process.stdin  # type: ignore[union-attr]
         try:
-            outputs = self.candidate.run(None, feed)  # type: ignore[union-attr] - loaded before the worker starts
-        except Exception as err:  # noqa: BLE001 - InferenceFailed or anything else: counted, never raised
-            run_s = time.perf_counter() - started
-            record["candidate"] = {"version": candidate.version, "run_ms": run_s * 1000,
-                                   "error": getattr(err, "message", None) or f"{type(err).__name__}: {err}"}
-            record["status"] = "error"
-            agreement = None
-        else:
-            run_s = time.perf_counter() - started
-            record["candidate"] = {"version": candidate.version, "run_ms": run_s * 1000, **outputs_field(outputs)}
-            record["status"] = "ok"
-            agreement = compare(answer.outputs, outputs)
-            record.update(agreement)
-        if self.log is not None:
-            self.log.write(record)
-        self._update(run_s, agreement)  # after the line: a count on /metrics means its line is written
+            while True:
+                item = self._queue.get()
+                if item is STOP:
+                    return
+                request_id, feed, answer, queued_at = item
+                write_frame(pipe, {"id": request_id, "model": self.name, "version": answer.version,
+                                   "run_ms": answer.run_s * 1000, "queued_at": queued_at},
+                            {"inputs": feed, "primary": answer.outputs})
+        except (BrokenPipeError, ValueError):  # the worker died (the receiver says so) or the pipe closed
+            pass
+        finally:
+            try:
+                pipe.close()  # the worker answers what it read, then exits
+            except OSError:
+                pass
 
-    def _update(self, run_s: float, agreement: dict[str, Any] | None) -> None:
+    def _receive(self) -> None:
+        from .shadow_worker import read_frame
+
+        while True:
+            try:
+                frame = read_frame(self._process.stdout)  # type: ignore[arg-type, union-attr]
+            except (EOFError, OSError, ValueError) as err:
+                frame, why = None, f"{type(err).__name__}: {err}"
+            else:
+                why = "it exited"
+            if frame is None:
+                code = self._process.wait()  # type: ignore[union-attr]
+                if code != 0:
+                    print(f"shadow: the candidate's process stopped ({why}, code {code}); shadow runs stop, "
+                          "the primary goes on", file=sys.stderr, flush=True)
+                return
+            record = frame[0]
+            if self.log is not None:
+                self.log.write(record)
+            self._update(record)  # after the line: a count on /metrics means its line is written
+
+    def _update(self, record: dict[str, Any]) -> None:
         metrics, name, version = self.metrics, self.name, self.candidate_spec.version
+        run_s = record["candidate"]["run_ms"] / 1000
 
         def apply() -> None:
             metrics.shadow_requests.inc(name, version)
-            if agreement is None:
+            if record["status"] != "ok":
                 metrics.shadow_errors.inc(name, version)
                 return
             metrics.shadow_latency.observe(run_s, name, version)
-            if "rows" in agreement:
-                metrics.shadow_agreement.inc(name, version, "agree", amount=agreement["agreed_rows"])
-                metrics.shadow_agreement.inc(name, version, "disagree",
-                                             amount=agreement["rows"] - agreement["agreed_rows"])
+            if "rows" in record:
+                metrics.shadow_agreement.inc(name, version, "agree", amount=record["agreed_rows"])
+                metrics.shadow_agreement.inc(name, version, "disagree", amount=record["rows"] - record["agreed_rows"])
 
         try:
             if self._loop is not None:
@@ -179,11 +211,31 @@ class ShadowRoute(SingleRoute):
 
     def close(self) -> None:
         super().close()
-        if self._worker.is_alive():
+        if self._sender.is_alive():
             try:
                 self._queue.put(STOP, timeout=1)
             except queue.Full:
                 pass
-            self._worker.join(timeout=5)  # finish the pair in hand so its line is written
-        if self.candidate is not None:
-            self.candidate.close()
+            self._sender.join(timeout=5)
+        if self._receiver.is_alive():
+            self._receiver.join(timeout=10)  # the pairs in hand are answered and written
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the server knows of a shadow candidate running in its worker process."""
+
+    spec: ModelSpec
+    warm_run_s: float
+
+
+def _start_worker(bundle: Path) -> subprocess.Popen:
+    """``python -m <this package>.shadow_worker BUNDLE``, importable wherever this runtime is
+    (a bundle's ``runtime/`` or the installed ``edgepack.runtime``)."""
+    package_root = Path(__file__).resolve().parents[__package__.count(".") + 1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", f"{__package__}.shadow_worker", str(bundle)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=1 << 16)
