@@ -25,7 +25,7 @@ from . import openapi, v2
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .models import Registry
-from .prediction_log import PredictionLog, digest, outputs_field, tensors
+from .prediction_log import PredictionLog, add_outputs, digest, now, tensors
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -126,24 +126,26 @@ class App:
     def _log(self, call: _Call, scope: dict[str, Any], status: int, elapsed: float) -> None:
         """One prediction log line (see README "Prediction log"): inputs sampled, and always kept
         for a failed run so it can be replayed; outputs themselves when small, else a digest."""
+        log = self.log
         if not call.request_id:  # refused before the request id was known (bad JSON, 404...)
             call.request_id = _request_id(scope)
-        record: dict[str, Any] = {"id": call.request_id, "time": round(time.time(), 6), "model": call.model,
+        record: dict[str, Any] = {"id": call.request_id, "time": now(), "model": call.model,
                                   "version": call.version, "role": "primary", "endpoint": call.endpoint,
                                   "status": status, "latency_ms": elapsed * 1000}
-        if call.feed is not None:
-            record["inputs_sha256"] = digest(call.feed)
-            if status >= 500 or self.log.sampled():  # type: ignore[union-attr]
-                record["inputs"] = tensors(call.feed)
+        feed = call.feed
+        if feed is not None:
+            record["inputs_sha256"] = digest(feed)
+            if status >= 500 or log.sampled():  # type: ignore[union-attr]
+                record["inputs"] = tensors(feed)
         if call.outputs is not None:
-            record.update(outputs_field(call.outputs))
+            add_outputs(record, call.outputs)
         if call.shadow is not None:
             record["shadow"] = call.shadow
         if call.extra is not None:
             record.update(call.extra)
         if call.error is not None:
             record["error"] = call.error
-        self.log.write(record)  # type: ignore[union-attr]
+        log.write(record)  # type: ignore[union-attr]
 
     async def _answer(self, call: _Call, scope: dict[str, Any], receive: Receive) -> tuple[int, bytes, list]:
         try:
