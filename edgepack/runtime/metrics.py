@@ -46,7 +46,7 @@ class Counter:
 
 class Gauge(Counter):
     def dec(self, *labels: str, amount: float = 1) -> None:
-        self.inc(*labels, amount=-amount)
+        self.values[labels] = self.values.get(labels, 0) - amount  # not through inc(): once per request
 
     def set(self, value: float, *labels: str) -> None:
         self.values[labels] = value
