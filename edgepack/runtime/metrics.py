@@ -1,6 +1,9 @@
 """Prometheus metrics of the server, in the text exposition format (version 0.0.4), without a client library.
 
-Every update happens on the event loop's thread, so nothing here needs a lock. Label values come
+Every update happens on the event loop's thread, so nothing here needs a lock; the one exception,
+the shadow series, have a single writer (the shadow receiver thread) and exist before it starts,
+so a scrape never iterates a dict that changes size (at worst it reads a histogram between two of
+its own updates). Label values come
 from a closed set (model names the registry knows, endpoint names, status codes), never from raw
 request paths, so a scanner probing random URLs cannot grow the series without bound.
 """
@@ -62,6 +65,10 @@ class Histogram:
                  buckets: tuple[float, ...] = LATENCY_BUCKETS_S) -> None:
         self.name, self.help, self.label_names, self.buckets = name, help_text, label_names, buckets
         self.series: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts (last: above all), then sum
+
+    def start(self, *labels: str) -> None:
+        """A series with no observations yet (shown at 0)."""
+        self.series.setdefault(labels, [0] * (len(self.buckets) + 2))
 
     def observe(self, value: float, *labels: str) -> None:
         series = self.series.get(labels)

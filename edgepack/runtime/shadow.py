@@ -1,19 +1,16 @@
 """Shadow mode: the primary answers; a candidate runs the same input off the request's path.
 
-The candidate lives in its own process (``shadow_worker``, at nice 19), so its work never holds
+The candidate lives in its own process (``shadow_worker``, SCHED_IDLE), so its work never holds
 the GIL the server's event loop needs. The route hands each answered request's input and the
 primary's outputs to a bounded queue and returns at once: the primary's answer never waits for the
 candidate. When the queue is full the shadow work is dropped and counted (flooding must slow
 nothing but the shadow). A sender thread writes the queue to the worker's pipe; a receiver thread
 reads back one record per pair, writes it as a ``role: shadow`` line to the prediction log, and
 counts it; a candidate failure is caught there, counted and logged, never seen by the client.
-Metrics are updated on the event loop's thread (``call_soon_threadsafe``), because ``metrics`` is
-lock-free by design.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import subprocess
@@ -109,7 +106,6 @@ class ShadowRoute(SingleRoute):
         self.metrics = metrics
         self.log = log
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._process: subprocess.Popen | None = None
         self._sender = threading.Thread(target=self._send, name="shadow-send", daemon=True)
         self._receiver = threading.Thread(target=self._receive, name="shadow-receive", daemon=True)
@@ -131,14 +127,18 @@ class ShadowRoute(SingleRoute):
             raise UnsupportedHere(f"--shadow {self.candidate_spec.name} {self.candidate_spec.version}: the candidate "
                                   f"could not be loaded: {why}", "check the candidate bundle with edgepack verify")
         self.candidate = Candidate(self.candidate_spec, first[0]["warm_run_s"])
+        metrics, labels = self.metrics, (self.name, self.candidate_spec.version)
+        for counter in (metrics.shadow_requests, metrics.shadow_dropped, metrics.shadow_errors):
+            counter.inc(*labels, amount=0)
+        for result in ("agree", "disagree"):
+            metrics.shadow_agreement.inc(*labels, result, amount=0)
+        metrics.shadow_latency.start(*labels)
         self._sender.start()
         self._receiver.start()
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
                     key: str | None = None, version: str | None = None) -> Answer:
         answer = await super().infer(names, feed)
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
         try:
             self._queue.put_nowait((request_id, feed, answer, time.monotonic()))
             shadow = "queued"
@@ -190,24 +190,18 @@ class ShadowRoute(SingleRoute):
             self._update(record)  # after the line: a count on /metrics means its line is written
 
     def _update(self, record: dict[str, Any]) -> None:
-        metrics, name, version = self.metrics, self.name, self.candidate_spec.version
-        run_s = record["candidate"]["run_ms"] / 1000
-
-        def apply() -> None:
-            metrics.shadow_requests.inc(name, version)
-            if record["status"] != "ok":
-                metrics.shadow_errors.inc(name, version)
-                return
-            metrics.shadow_latency.observe(run_s, name, version)
-            if "rows" in record:
-                metrics.shadow_agreement.inc(name, version, "agree", amount=record["agreed_rows"])
-                metrics.shadow_agreement.inc(name, version, "disagree", amount=record["rows"] - record["agreed_rows"])
-
-        try:
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(apply)
-        except RuntimeError:  # the loop closed while the server stops: the counts go with it
-            pass
+        """On the receiver thread, the only writer of these series (created in ``load``, so that a
+        scrape on the loop never sees a dict change size): waking the event loop for each pair
+        would cost the primary more than the counts are worth."""
+        metrics, labels = self.metrics, (self.name, self.candidate_spec.version)
+        metrics.shadow_requests.inc(*labels)
+        if record["status"] != "ok":
+            metrics.shadow_errors.inc(*labels)
+            return
+        metrics.shadow_latency.observe(record["candidate"]["run_ms"] / 1000, *labels)
+        if "rows" in record:
+            metrics.shadow_agreement.inc(*labels, "agree", amount=record["agreed_rows"])
+            metrics.shadow_agreement.inc(*labels, "disagree", amount=record["rows"] - record["agreed_rows"])
 
     def close(self) -> None:
         super().close()
