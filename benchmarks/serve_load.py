@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_latency import RAW_LOOP
 from serve_peers import PEERS, Peer, ensure_venv
 from wrk_load import check_wrk, run_wrk
 
@@ -71,25 +72,7 @@ sio.dump(model, f"{out}/forest{seed}.skops")
 np.save(f"{out}/sample.npy", X[:256])
 """
 
-RAW = """
-import json, sys, time
-from pathlib import Path
-sys.path.insert(0, sys.argv[1])
-import numpy as np
-from runtime.session import create_session, load_inputs, make_feed
-root, seconds = Path(sys.argv[1]), float(sys.argv[2])
-manifest = json.loads((root / "manifest.json").read_text())
-session, _ = create_session(root / manifest["model"], manifest["target"]["threads"])
-feed, _ = make_feed(session, load_inputs(root / manifest["bench_input"]), batch=1)
-for _ in range(1000):
-    session.run(None, feed)
-samples, deadline = [], time.perf_counter() + seconds
-while time.perf_counter() < deadline:
-    t0 = time.perf_counter_ns()
-    session.run(None, feed)
-    samples.append(time.perf_counter_ns() - t0)
-print(json.dumps({"p50_ms": float(np.median(samples)) / 1e6, "p99_ms": float(np.percentile(samples, 99)) / 1e6}))
-"""
+RAW = RAW_LOOP  # the bare session.run loop serve_latency.py times, in a subprocess on the server's core
 
 
 def say(message: str) -> None:
