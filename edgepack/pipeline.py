@@ -24,7 +24,7 @@ from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
 from edgepack.errors import ConversionError, InputError, ParityError
 from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord, WheelsRecord
-from edgepack.package.bundle import assemble, file_entries, payload_with_runtime, write_atomic
+from edgepack.package.bundle import assemble, file_entries, payload_with_runtime
 from edgepack.package.image import ImageBuild, ImageResult, bundle_files
 from edgepack.package.npz import npz_bytes
 from edgepack.package.wheels import WheelSet, fetch_wheels, request_for
@@ -32,6 +32,7 @@ from edgepack.quantize import (CALIBRATION_ROWS, QuantizeConfig, Variant, canoni
                                optimize_fp32)
 from edgepack.runtime.bench import cpu_info
 from edgepack.runtime.bundle import verify_archive
+from edgepack.runtime.files import write_atomic
 from edgepack.runtime.session import create_session, numpy_dtype
 from edgepack.sample_data import SampleData, ValidationData, check_rows, random_sample, read_sample, read_validation
 from edgepack.select import EvalData, Selection, SelectOptions, VariantRow, choose_variant, run_model

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.bench import svg_plot
-from edgepack.package.bundle import write_atomic
+from edgepack.runtime.files import write_atomic
 
 _CSS = """
 :root { --ink: #1f2328; --muted: #59636e; --line: #d8dee4; --soft: #f6f8fa; }

@@ -11,7 +11,6 @@ import hashlib
 import io
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 
 from edgepack.manifest import FileEntry, Manifest
@@ -67,23 +66,6 @@ def assemble(files: dict[str, bytes], manifest: Manifest) -> tuple[str, bytes]:
     sums = {path: hashlib.sha256(data).hexdigest() for path, data in content.items()}
     content[runtime_bundle.SUMS_NAME] = runtime_bundle.format_sums(sums).encode()
     return root, archive_bytes(root, content)
-
-
-def write_atomic(target: Path, data: bytes) -> Path:
-    """Write to a temporary file beside ``target``, then rename: readers see all or nothing."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as raw:
-            raw.write(data)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return target
 
 
 def archive_bytes(root: str, content: dict[str, bytes]) -> bytes:

@@ -24,7 +24,8 @@ from edgepack.bench.profiles import host_arch
 from edgepack.errors import BudgetExceeded, ImageError, IntegrityError
 from edgepack.package.base_image import BaseImage, Platform, open_base, python_file, split_tag
 from edgepack.package.builders import EngineBuild, builder_for
-from edgepack.package.bundle import LAUNCHER_NAME, source_date_epoch, write_atomic
+from edgepack.package.bundle import LAUNCHER_NAME, source_date_epoch
+from edgepack.runtime.files import write_atomic
 from edgepack.package.docker_archive import write_docker_archive
 from edgepack.package.dockerfile import base_args, dockerfile_text, write_context
 from edgepack.package.image_config import APP_DIR, image_config, image_env, image_labels

@@ -19,7 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgepack.package.bundle import source_date_epoch, write_atomic
+from edgepack.package.bundle import source_date_epoch
+from edgepack.runtime.files import write_atomic
 from edgepack.package.oci import OCI_LAYER_GZIP, Blob, LayerEntries, write_layer
 from edgepack.package.wheels import WheelFetchError, WheelRequest, WheelSet, cache_root, fetch_wheels
 

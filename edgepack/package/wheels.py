@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edgepack.errors import EdgepackError, ExitCode, InputError, IntegrityError
-from edgepack.package.bundle import write_atomic
+from edgepack.runtime.files import write_atomic
 from edgepack.runtime.requirements import SERVE
 
 if TYPE_CHECKING:

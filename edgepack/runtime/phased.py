@@ -20,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
-import itertools
-import json
 import queue
 import random
 import sys
@@ -33,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from .errors import InferenceFailed, InputError, RequestError
+from .files import write_atomic
 from .models import Answer, ModelSpec, ServedModel, SingleRoute
 from .prediction_log import PredictionLog, digest, now, outputs_field
-from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, save
+from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, state_bytes, state_path
 from .shadow import STOP, check_signatures, compare, labels, work_off_path
 
 FLUSH_S = 0.5
@@ -89,10 +88,10 @@ class PhasedRoute(SingleRoute):
         self._flusher = threading.Thread(target=self._flush_worker, name="rollout-state", daemon=True)
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
-        self._seq = itertools.count(1)
-        self._written = 0  # sequence number of the snapshot on disk
-        self._changes = 0  # bumped on every change of the state; compared with _saved_changes
-        self._saved_changes = -1
+        # Bumped (on the loop) by every change of the state: it orders snapshots, so that one taken
+        # before a decision is never written over the decision's.
+        self._changes = 0
+        self._saved_changes = -1  # the changes the file on disk holds
 
     @property
     def ready(self) -> bool:
@@ -157,6 +156,7 @@ class PhasedRoute(SingleRoute):
                 self._checks.put_nowait((request_id, feed, outputs))
             except queue.Full:
                 rollout.counts.checks_dropped += 1
+                self._changes += 1
         return Answer(self.candidate_spec.version, outputs, run_s, extra={"variant": "candidate", "step": step})
 
     def _candidate_outcome(self, ok: bool, latency_ms: float) -> None:
@@ -226,17 +226,16 @@ class PhasedRoute(SingleRoute):
         for state in ("running", ROLLED_BACK, COMPLETE):
             metrics.rollout_state.set(1 if rollout.state == state else 0, self.name, state)
 
-    def _snapshot(self) -> tuple[int, bytes, int]:
-        """(sequence number, the state serialised, changes it covers); on the loop (or before it runs)."""
-        return next(self._seq), json.dumps(self.rollout.to_json()).encode(), self._changes
+    def _snapshot(self) -> tuple[int, bytes]:
+        """(the changes it covers, the state file's content); on the loop (or before it runs)."""
+        return self._changes, state_bytes(self.rollout.to_json())
 
-    def _persist(self, seq: int, data: bytes, changes: int) -> None:
+    def _persist(self, changes: int, payload: bytes) -> None:
         with self._write_lock:
-            if seq <= self._written:  # a newer snapshot is already on disk
+            if changes <= self._saved_changes:  # this state, or a newer one, is already on disk
                 return
-            save(self.state_dir, json.loads(data))
-            self._written = seq
-            self._saved_changes = max(self._saved_changes, changes)
+            write_atomic(state_path(self.state_dir), payload)
+            self._saved_changes = changes
 
     def _flush_worker(self) -> None:
         while not self._stop.wait(FLUSH_S):
@@ -268,7 +267,7 @@ class PhasedRoute(SingleRoute):
             decision = self.rollout.evaluate(time.time())
             if decision is not None:
                 self._decided(decision)
-            done.set_result(self._snapshot() if self._changes != self._saved_changes else None)
+            done.set_result(self._snapshot() if self._changes > self._saved_changes else None)
         except BaseException as err:  # noqa: BLE001 - the flusher waits on this future
             done.set_exception(err)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .files import write_atomic
 
 STATE_NAME = "rollout.json"
 LOCK_NAME = "rollout.lock"
@@ -163,7 +164,7 @@ class StepCounts:
     checks_dropped: int = 0  # agreement checks skipped because the checker was busy
     started: float = 0.0  # wall time the step began
 
-    def figures(self, gates: Gates) -> dict[str, Any]:
+    def figures(self) -> dict[str, Any]:
         return {"candidate_requests": self.candidate, "primary_requests": self.primary, "errors": self.errors,
                 "error_rate": self.errors / self.candidate if self.candidate else None,
                 "slow": self.slow, "slow_share": self.slow / self.candidate if self.candidate else None,
@@ -271,7 +272,7 @@ class Rollout:
 
     def promote(self, now: float, reason: str, event: str = "operator_promote") -> dict[str, Any]:
         """The next step; from a rollback, the step that failed, afresh; at the last step, complete."""
-        figures = self.counts.figures(self.spec.gates)
+        figures = self.counts.figures()
         if self.state == ROLLED_BACK:
             self.state = RUNNING
         elif self.step + 1 < len(self.spec.steps):
@@ -282,7 +283,7 @@ class Rollout:
         return self._note(now, event, reason, figures=figures)
 
     def rollback(self, now: float, reason: str, event: str = "operator_rollback") -> dict[str, Any]:
-        figures = self.counts.figures(self.spec.gates)
+        figures = self.counts.figures()
         self.state = ROLLED_BACK
         return self._note(now, event, reason, figures=figures)
 
@@ -302,7 +303,7 @@ class Rollout:
                 "step_elapsed_s": round(max(0.0, now - self.counts.started), 3),
                 "min_samples": self.spec.min_samples, "min_checked_rows": self.spec.min_checked_rows,
                 "step_duration_s": self.spec.step_duration_s, "gates": asdict(self.spec.gates),
-                "figures": self.counts.figures(self.spec.gates), "failing": self.failing_gate(),
+                "figures": self.counts.figures(), "failing": self.failing_gate(),
                 "spec": self.spec.to_json(), "history": self.history[-20:]}
 
     def to_json(self) -> dict[str, Any]:
@@ -365,23 +366,14 @@ def load(folder: Path) -> Rollout | None:
     return Rollout.from_json(data, str(path))
 
 
+def state_bytes(data: dict[str, Any]) -> bytes:
+    """The state file's content for a state's ``to_json()``."""
+    return json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
+
+
 def save(folder: Path, data: dict[str, Any]) -> None:
     """Atomically: a reader (or a restart after kill -9) sees the old state or the new one, whole."""
-    path = state_path(folder)
-    tmp = folder / f".{STATE_NAME}.{os.getpid()}.tmp"
-    payload = json.dumps(data, indent=1, sort_keys=True).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)
+    write_atomic(state_path(folder), state_bytes(data))
 
 
 class StateLock:
