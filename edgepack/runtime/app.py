@@ -56,7 +56,7 @@ class _Disconnected(Exception):
 class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
-    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "shadow", "extra", "error")
+    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "extra", "error")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
@@ -65,7 +65,6 @@ class _Call:
         self.version: str | None = None
         self.feed: dict[str, Any] | None = None  # the parsed inputs, once accepted
         self.outputs: dict[str, Any] | None = None
-        self.shadow: str | None = None
         self.extra: dict[str, Any] | None = None
         self.error: str | None = None
 
@@ -139,8 +138,6 @@ class App:
                 record["inputs"] = tensors(feed)
         if call.outputs is not None:
             add_outputs(record, call.outputs)
-        if call.shadow is not None:
-            record["shadow"] = call.shadow
         if call.extra is not None:
             record.update(call.extra)
         if call.error is not None:
@@ -190,7 +187,7 @@ class App:
                 call.feed = request.inputs
             answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
                                        _header(scope, route.key_header) if route.key_header else None, version)
-            call.version, call.outputs, call.shadow, call.extra = answer.version, answer.outputs, answer.shadow, answer.extra
+            call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
             if json_length is None:
@@ -207,7 +204,7 @@ class App:
                 call.feed = feed
             answer = await route.infer(None, feed, call.request_id,
                                        _header(scope, route.key_header) if route.key_header else None)
-            call.version, call.outputs, call.shadow, call.extra = answer.version, answer.outputs, answer.shadow, answer.extra
+            call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
         if endpoint == "metrics":
@@ -223,16 +220,9 @@ class App:
         call.model = route.name
         as_json = [(b"content-type", _JSON)]
         if endpoint == "rollout_status":
-            if route.mode != "phased":
-                return 200, orjson.dumps({"mode": route.mode, "model": route.name, "versions": route.versions,
-                                          "state": None, "step": None, "weight": None, "gates": None}), as_json
             return 200, orjson.dumps(route.status()), as_json
         body, _ = await self._body(scope, receive)
-        reason = _reason(body)
-        if route.mode != "phased":
-            raise RequestError(f"this server is in {route.mode} mode: there is no rollout to steer",
-                               "start it with --phased CANDIDATE", 409)
-        return 200, orjson.dumps(route.steer(endpoint.removeprefix("rollout_"), reason)), as_json
+        return 200, orjson.dumps(route.steer(endpoint.removeprefix("rollout_"), _reason(body))), as_json
 
     def _authorize(self, scope: dict[str, Any]) -> None:
         token = self.settings.admin_token

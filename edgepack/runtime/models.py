@@ -163,8 +163,7 @@ class Answer:
     version: str  # the version that answered
     outputs: dict[str, np.ndarray]
     run_s: float
-    shadow: str | None = None  # shadow mode: "queued" or "dropped" (the queue was full)
-    extra: dict[str, Any] | None = None  # more fields for the request's log line (phased: variant, step)
+    extra: dict[str, Any] | None = None  # more fields for the request's log line (shadow, variant, step...)
 
 
 class SingleRoute:
@@ -207,6 +206,16 @@ class SingleRoute:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
         outputs, run_s = await self.model.infer(names, feed)
         return Answer(self.spec.version, outputs, run_s)
+
+    def status(self) -> dict[str, Any]:
+        """GET /admin/rollout: a route with no rollout says which mode it is in."""
+        return {"mode": self.mode, "model": self.name, "versions": self.versions, "state": None, "step": None,
+                "weight": None, "gates": None}
+
+    def steer(self, action: str, reason: str) -> dict[str, Any]:
+        """POST /admin/rollout/promote|rollback: only a phased route has a rollout to steer."""
+        raise RequestError(f"this server is in {self.mode} mode: there is no rollout to steer",
+                           "start it with --phased CANDIDATE", 409)
 
     def metadata(self) -> dict[str, Any]:
         return {"name": self.name, "versions": self.versions, "platform": PLATFORM,

@@ -145,7 +145,7 @@ class ShadowRoute(SingleRoute):
         except queue.Full:
             self.metrics.shadow_dropped.inc(self.name, self.candidate_spec.version)
             shadow = "dropped"
-        return Answer(answer.version, answer.outputs, answer.run_s, shadow)
+        return Answer(answer.version, answer.outputs, answer.run_s, extra={"shadow": shadow})
 
     def _send(self) -> None:
         from .shadow_worker import write_frame
