@@ -84,23 +84,20 @@ def register(app: typer.Typer) -> None:
         """Where a phased rollout stands: state, step, weight, each gate's figure, recent decisions."""
         _steer("status", url, state_dir, token, "", json_out)
 
-    @rollout_app.command("promote")
-    @error_boundary
-    def rollout_promote(url: Optional[str] = url_option, state_dir: Optional[Path] = state_option,
-                        token: Optional[str] = token_option,
-                        reason: str = typer.Option("", "--reason", help="Why, for the rollout's history."),
-                        json_out: bool = json_option) -> None:
-        """Move to the next step now, gates or not (after a rollback: retry the step that failed)."""
-        _steer("promote", url, state_dir, token, reason, json_out)
+    def move_command(action: str, summary: str) -> None:
+        """``rollout promote`` and ``rollout rollback``: the same options, another move."""
 
-    @rollout_app.command("rollback")
-    @error_boundary
-    def rollout_rollback(url: Optional[str] = url_option, state_dir: Optional[Path] = state_option,
-                         token: Optional[str] = token_option,
-                         reason: str = typer.Option("", "--reason", help="Why, for the rollout's history."),
-                         json_out: bool = json_option) -> None:
-        """Send every request to the primary now; `promote` resumes the rollout at the same step."""
-        _steer("rollback", url, state_dir, token, reason, json_out)
+        def move(url: Optional[str] = url_option, state_dir: Optional[Path] = state_option,
+                 token: Optional[str] = token_option,
+                 reason: str = typer.Option("", "--reason", help="Why, for the rollout's history."),
+                 json_out: bool = json_option) -> None:
+            _steer(action, url, state_dir, token, reason, json_out)
+
+        move.__doc__ = summary
+        rollout_app.command(action)(error_boundary(move))
+
+    move_command("promote", "Move to the next step now, gates or not (after a rollback: retry the step that failed).")
+    move_command("rollback", "Send every request to the primary now; `promote` resumes the rollout at the same step.")
 
     @rollout_app.command("report")
     @error_boundary

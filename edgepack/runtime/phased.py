@@ -35,7 +35,7 @@ from .files import write_atomic
 from .models import Answer, ModelSpec, ServedModel, SingleRoute
 from .prediction_log import PredictionLog, digest, now, outputs_field
 from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, state_bytes, state_path
-from .shadow import STOP, check_signatures, compare, labels, work_off_path
+from .shadow import check_signatures, compare, labels, stop_worker, work_off_path
 
 FLUSH_S = 0.5
 DEFAULT_CHECK_QUEUE = 64
@@ -290,12 +290,7 @@ class PhasedRoute(SingleRoute):
         self._stop.set()
         if self._flusher.is_alive():
             self._flusher.join(timeout=5)
-        if self._checker.is_alive():
-            try:
-                self._checks.put(STOP, timeout=1)
-            except queue.Full:
-                pass
-            self._checker.join(timeout=5)
+        stop_worker(self._checks, self._checker)
         if self.candidate is not None:
             self.candidate.close()
         self._persist(*self._snapshot())  # the loop has stopped: nothing changes the state any more

@@ -89,6 +89,16 @@ def work_off_path(items: queue.Queue, handle: Callable[..., None], label: str) -
             print(f"{label}: internal error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
 
 
+def stop_worker(items: queue.Queue, worker: threading.Thread) -> None:
+    """End a thread that reads ``items`` until ``STOP``, once it has finished what it holds."""
+    if worker.is_alive():
+        try:
+            items.put(STOP, timeout=1)
+        except queue.Full:  # a stuck worker: it is a daemon, and goes with the process
+            pass
+        worker.join(timeout=5)
+
+
 class ShadowRoute(SingleRoute):
     """The primary's route, plus a candidate in a worker process fed from a bounded queue. Only the
     primary is addressable."""
@@ -205,12 +215,7 @@ class ShadowRoute(SingleRoute):
 
     def close(self) -> None:
         super().close()
-        if self._sender.is_alive():
-            try:
-                self._queue.put(STOP, timeout=1)
-            except queue.Full:
-                pass
-            self._sender.join(timeout=5)
+        stop_worker(self._queue, self._sender)
         if self._receiver.is_alive():
             self._receiver.join(timeout=10)  # the pairs in hand are answered and written
         if self._process is not None and self._process.poll() is None:
