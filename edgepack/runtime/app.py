@@ -56,7 +56,7 @@ class _Disconnected(Exception):
 class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
-    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "outputs", "extra", "error")
+    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "inputs_sha256", "outputs", "extra", "error")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
@@ -64,6 +64,7 @@ class _Call:
         self.request_id = ""
         self.version: str | None = None
         self.feed: dict[str, Any] | None = None  # the parsed inputs, once accepted
+        self.inputs_sha256: str | None = None  # their digest, once something needed it
         self.outputs: dict[str, Any] | None = None
         self.extra: dict[str, Any] | None = None
         self.error: str | None = None
@@ -133,7 +134,7 @@ class App:
                                   "status": status, "latency_ms": elapsed * 1000}
         feed = call.feed
         if feed is not None:
-            record["inputs_sha256"] = digest(feed)
+            record["inputs_sha256"] = call.inputs_sha256 or digest(feed)
             if status >= 500 or log.sampled():  # type: ignore[union-attr]
                 record["inputs"] = tensors(feed)
         if call.outputs is not None:
@@ -186,7 +187,7 @@ class App:
                 call.request_id = request.id or _request_id(scope)
                 call.feed = request.inputs
             answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
-                                       _header(scope, route.key_header) if route.key_header else None, version)
+                                       _sticky_key(call, scope, route.key_header, request.inputs), version)
             call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
@@ -203,7 +204,7 @@ class App:
                 call.request_id = _request_id(scope)
                 call.feed = feed
             answer = await route.infer(None, feed, call.request_id,
-                                       _header(scope, route.key_header) if route.key_header else None)
+                                       _sticky_key(call, scope, route.key_header, feed))
             call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
@@ -309,6 +310,18 @@ class _Ids:
 
 _ids = _Ids()
 os.register_at_fork(after_in_child=_ids.__init__)  # a forked worker must not repeat its parent's ids
+
+
+def _sticky_key(call: _Call, scope: dict[str, Any], header: bytes | None, feed: dict[str, Any]) -> str | None:
+    """A phased route's assignment key: the request's key header, else the inputs' digest, which
+    the log line then reuses; None for routes that assign nothing."""
+    if header is None:
+        return None
+    given = _header(scope, header)
+    if given is not None:
+        return given
+    call.inputs_sha256 = digest(feed)
+    return call.inputs_sha256
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
