@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN and infinity in float inputs (refused with 400 by default)."),
         access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr."),
         inference: str = typer.Option("auto", help="Where session.run runs: loop (the event loop), thread, or auto (the loop for runs expected under 1 ms with one worker thread, 0.2 ms with several)."),
+        max_batch: int = typer.Option(32, "--max-batch", help="Requests ready at the same time that share one session.run on the event loop, each getting its own rows back (1: each runs alone). Used only for models whose rows are independent (checked at load)."),
         threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: the bundle's target profile's)."),
         log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Write the prediction log (JSON lines, one per request, flushed before the answer) into this folder."),
         log_sample_rate: float = typer.Option(0.01, "--log-sample-rate", help="Share of requests whose inputs are logged in full (failed runs always are; others get a sha256)."),
@@ -59,7 +60,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--rollout-spec, --steps and --state-dir go with --phased CANDIDATE")
         serve_path(bundle, ServeSettings(host, port, max_body_mb, allow_nonfinite, access_log, inference, threads,
                                          log_dir, log_sample_rate, log_max_mb, log_keep, shadow, shadow_queue,
-                                         phased, rollout, state_dir, admin_token),
+                                         phased, rollout, state_dir, admin_token, max_batch),
                    server_version=__version__)
 
     rollout_app = typer.Typer(help=ROLLOUT_HELP, no_args_is_help=True)

@@ -56,7 +56,8 @@ class _Disconnected(Exception):
 class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
-    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "inputs_sha256", "outputs", "extra", "error")
+    __slots__ = ("endpoint", "model", "request_id", "version", "feed", "inputs_sha256", "outputs", "extra", "batch",
+                 "error")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
@@ -67,6 +68,7 @@ class _Call:
         self.inputs_sha256: str | None = None  # their digest, once something needed it
         self.outputs: dict[str, Any] | None = None
         self.extra: dict[str, Any] | None = None
+        self.batch = 1  # requests its session.run answered
         self.error: str | None = None
 
 
@@ -141,6 +143,8 @@ class App:
             add_outputs(record, call.outputs)
         if call.extra is not None:
             record.update(call.extra)
+        if call.batch > 1:
+            record["batch"] = call.batch
         if call.error is not None:
             record["error"] = call.error
         log.write(record)  # type: ignore[union-attr]
@@ -188,7 +192,7 @@ class App:
                 call.feed = request.inputs
             answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
                                        _sticky_key(call, scope, route.key_header, request.inputs), version)
-            call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
+            call.version, call.outputs, call.extra, call.batch = answer.version, answer.outputs, answer.extra, answer.batch
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
             if json_length is None:
@@ -205,7 +209,7 @@ class App:
                 call.feed = feed
             answer = await route.infer(None, feed, call.request_id,
                                        _sticky_key(call, scope, route.key_header, feed))
-            call.version, call.outputs, call.extra = answer.version, answer.outputs, answer.extra
+            call.version, call.outputs, call.extra, call.batch = answer.version, answer.outputs, answer.extra, answer.batch
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
         if endpoint == "metrics":

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .batching import Batcher, rows_are_independent
 from .errors import InferenceFailed, IntegrityError, RequestError, UnsupportedHere
 from .v2 import PLATFORM, Signature
 
@@ -63,7 +64,7 @@ class ModelSpec:
 class ServedModel:
     """A session ready to answer: created, checked against the manifest, warmed up and timed."""
 
-    def __init__(self, spec: ModelSpec, placement: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, placement: str = "auto", max_batch: int = 1) -> None:
         from .session import create_session, load_inputs, make_feed
 
         if placement not in PLACEMENTS:
@@ -88,6 +89,10 @@ class ServedModel:
         # workers than cores / threads would only make them queue inside onnxruntime.
         self.workers = max(1, usable_cores() // spec.threads) if spec.threads else 1
         self.inline_budget_s = INLINE_BUDGET_S["one_worker" if self.workers == 1 else "several_workers"]
+        # Only runs on the loop are batched: a thread's run is long enough to pay for itself.
+        self._batcher = None
+        if max_batch > 1 and placement != "thread" and rows_are_independent(self.run, feed):
+            self._batcher = Batcher(self.run, max_batch)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"infer-{spec.name}")
 
     def _warm_up(self, feed: dict[str, np.ndarray]) -> float:
@@ -127,20 +132,26 @@ class ServedModel:
 
     def where(self) -> str:
         threads = f"in {self.workers} thread{'s' if self.workers > 1 else ''}"
+        loop = "on the event loop"
+        if self._batcher is not None:
+            loop += f" (up to {self._batcher.max_batch} requests ready together in one run)"
         if self.placement != "auto":
-            return "on the event loop" if self.placement == "loop" else threads
-        return f"on the event loop up to {self.inline_values} input values, else {threads}"
+            return loop if self.placement == "loop" else threads
+        return f"{loop} up to {self.inline_values} input values each, else {threads}"
 
-    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
-        """The outputs and the seconds session.run took."""
+    async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, int]:
+        """The outputs, the seconds session.run took and how many requests that run answered
+        (more than one when requests ready together were batched)."""
         if self.inline(feed):
+            if self._batcher is not None:
+                return await self._batcher.infer(names, feed)
             started = time.perf_counter()
-            return self.run(names, feed), time.perf_counter() - started
+            return self.run(names, feed), time.perf_counter() - started, 1
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed_run, names, feed)
 
-    def _timed_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
+    def _timed_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, int]:
         started = time.perf_counter()
-        return self.run(names, feed), time.perf_counter() - started
+        return self.run(names, feed), time.perf_counter() - started, 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -164,6 +175,7 @@ class Answer:
     outputs: dict[str, np.ndarray]
     run_s: float
     extra: dict[str, Any] | None = None  # more fields for the request's log line (shadow, variant, step...)
+    batch: int = 1  # requests the run that answered this one served
 
 
 class SingleRoute:
@@ -172,9 +184,10 @@ class SingleRoute:
     mode = "single"
     key_header: bytes | None = None  # phased routes: the header whose value assigns a request to a model
 
-    def __init__(self, spec: ModelSpec, placement: str = "auto") -> None:
+    def __init__(self, spec: ModelSpec, placement: str = "auto", max_batch: int = 1) -> None:
         self.spec = spec
         self.placement = placement
+        self.max_batch = max_batch
         self.model: ServedModel | None = None
 
     @property
@@ -195,7 +208,7 @@ class SingleRoute:
 
     def load(self) -> None:
         """Blocking: runs in a thread while the server already answers liveness."""
-        self.model = ServedModel(self.spec, self.placement)
+        self.model = ServedModel(self.spec, self.placement, self.max_batch)
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
                     key: str | None = None, version: str | None = None) -> Answer:
@@ -204,8 +217,8 @@ class SingleRoute:
         the one the request's path named (the registry checked it is served)."""
         if self.model is None:
             raise RequestError(f"model {self.name} is still loading", "retry once /v2/health/ready answers 200", 503)
-        outputs, run_s = await self.model.infer(names, feed)
-        return Answer(self.spec.version, outputs, run_s)
+        outputs, run_s, batch = await self.model.infer(names, feed)
+        return Answer(self.spec.version, outputs, run_s, batch=batch)
 
     def status(self) -> dict[str, Any]:
         """GET /admin/rollout: a route with no rollout says which mode it is in."""

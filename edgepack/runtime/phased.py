@@ -72,8 +72,8 @@ class PhasedRoute(SingleRoute):
 
     def __init__(self, spec: ModelSpec, candidate: ModelSpec, placement: str, metrics: Any,
                  log: PredictionLog | None, rollout: Rollout, state_dir: Path,
-                 queue_size: int = DEFAULT_CHECK_QUEUE) -> None:
-        super().__init__(spec, placement)
+                 queue_size: int = DEFAULT_CHECK_QUEUE, max_batch: int = 1) -> None:
+        super().__init__(spec, placement, max_batch)
         check_signatures(spec, candidate, "--phased")
         self.candidate_spec = candidate
         self.candidate: ServedModel | None = None
@@ -103,7 +103,7 @@ class PhasedRoute(SingleRoute):
 
     def load(self) -> None:
         super().load()
-        self.candidate = ServedModel(self.candidate_spec, self.placement)
+        self.candidate = ServedModel(self.candidate_spec, self.placement, self.max_batch)
         self._persist(*self._snapshot())
         self._log_event({"event": "serve", "reason": "server started", "state": self.rollout.state,
                          "step": self.rollout.step + 1, "weight": self.rollout.weight,
@@ -129,26 +129,26 @@ class PhasedRoute(SingleRoute):
         step = rollout.step + 1
         if version is not None:  # /v2/models/NAME/versions/V/infer: that version answers, outside the gates
             pinned = self.candidate if version == self.candidate_spec.version else self.model
-            outputs, run_s = await pinned.infer(names, feed)
+            outputs, run_s, batch = await pinned.infer(names, feed)
             variant = "candidate" if pinned is self.candidate else "primary"
-            return Answer(pinned.spec.version, outputs, run_s, extra={"variant": variant, "step": step, "pinned": True})
+            return Answer(pinned.spec.version, outputs, run_s, {"variant": variant, "step": step, "pinned": True}, batch)
         if not self.routes_to_candidate(key if key is not None else digest(feed)):
             if rollout.state != COMPLETE:
                 rollout.record_primary()
                 self._changes += 1
-            outputs, run_s = await self.model.infer(names, feed)
+            outputs, run_s, batch = await self.model.infer(names, feed)
             self.metrics.rollout_requests.inc(self.name, "primary", "ok")
-            return Answer(self.spec.version, outputs, run_s, extra={"variant": "primary", "step": step})
+            return Answer(self.spec.version, outputs, run_s, {"variant": "primary", "step": step}, batch)
         started = time.perf_counter()
         try:
-            outputs, run_s = await self.candidate.infer(names, feed)
+            outputs, run_s, batch = await self.candidate.infer(names, feed)
         except InferenceFailed as err:
             self._candidate_outcome(False, (time.perf_counter() - started) * 1000)
             self.metrics.rollout_requests.inc(self.name, "candidate", "error")
             # The user gets the primary's answer; the candidate's failure is counted and logged.
-            outputs, run_s = await self.model.infer(names, feed)
+            outputs, run_s, batch = await self.model.infer(names, feed)
             return Answer(self.spec.version, outputs, run_s,
-                          extra={"variant": "primary", "step": step, "fallback": err.message})
+                          {"variant": "primary", "step": step, "fallback": err.message}, batch)
         self._candidate_outcome(True, (time.perf_counter() - started) * 1000)
         self.metrics.rollout_requests.inc(self.name, "candidate", "ok")
         if rollout.state != COMPLETE and random.random() < rollout.spec.agreement_sample:
@@ -157,7 +157,7 @@ class PhasedRoute(SingleRoute):
             except queue.Full:
                 rollout.counts.checks_dropped += 1
                 self._changes += 1
-        return Answer(self.candidate_spec.version, outputs, run_s, extra={"variant": "candidate", "step": step})
+        return Answer(self.candidate_spec.version, outputs, run_s, {"variant": "candidate", "step": step}, batch)
 
     def _candidate_outcome(self, ok: bool, latency_ms: float) -> None:
         if self.rollout.state == COMPLETE:

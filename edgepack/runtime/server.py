@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .batching import DEFAULT_MAX_BATCH
 from .bundle import extract_archive, verify_dir
 from .errors import EdgepackError, InputError, UnsupportedHere
 from .requirements import SERVE
@@ -52,6 +53,7 @@ class ServeSettings:
     rollout: RolloutSpec | None = None  # its schedule and gates (None: the defaults)
     state_dir: Path | None = None  # where the rollout's state survives restarts
     admin_token: str | None = None  # None: admin endpoints answer loopback clients only
+    max_batch: int = DEFAULT_MAX_BATCH  # requests ready together that share one session.run (1: none)
 
 
 def serve_path(path: Path, settings: ServeSettings, server_version: str | None = None) -> None:
@@ -100,6 +102,8 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
         candidate_manifest = verify_dir(candidate_root).manifest  # both verified before anything starts
     if settings.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 8")
+    if settings.max_batch < 1:
+        raise InputError(f"--max-batch {settings.max_batch}: expected at least 1", "1 runs every request alone")
     from .metrics import ServerMetrics
     from .models import ModelSpec, Registry, SingleRoute
     from .prediction_log import PredictionLog
@@ -132,16 +136,17 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
         if settings.shadow is not None:
             from .shadow import ShadowRoute
 
-            registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue))  # type: ignore[arg-type]
+            registry.add(ShadowRoute(spec, candidate, settings.placement, metrics, log, settings.shadow_queue,  # type: ignore[arg-type]
+                                     settings.max_batch))
             metrics.shadow = True
         elif rollout is not None:
             from .phased import PhasedRoute
 
             registry.add(PhasedRoute(spec, candidate, settings.placement, metrics, log, rollout,  # type: ignore[arg-type]
-                                     settings.state_dir))  # type: ignore[arg-type]
+                                     settings.state_dir, max_batch=settings.max_batch))  # type: ignore[arg-type]
             metrics.phased = True
         else:
-            registry.add(SingleRoute(spec, settings.placement))
+            registry.add(SingleRoute(spec, settings.placement, settings.max_batch))
         _run(root, manifest, settings, registry, metrics, log, server_version, started, loop, http)
 
 
@@ -182,6 +187,9 @@ def _run(root: Path, manifest: dict, settings: ServeSettings, registry, metrics,
     app = App(registry, metrics, AppSettings(int(settings.max_body_mb * 2**20), settings.allow_nonfinite,
                                              settings.access_log, version, settings.admin_token), log)
     sock = _listen(settings.host, settings.port)
+    if http == "httptools":  # the same, answering with one write (see http_protocol)
+        from .http_protocol import OneWriteHttpToolsProtocol
+        http = OneWriteHttpToolsProtocol
     config = uvicorn.Config(app, loop=loop, http=http, ws="none", interface="asgi3", lifespan="on",
                             log_config=None, log_level="warning", access_log=False, proxy_headers=False,
                             server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
@@ -305,6 +313,9 @@ def _parser(default_host: str) -> argparse.ArgumentParser:
     parser.add_argument("--inference", choices=("auto", "loop", "thread"), default="auto",
                         help="where session.run runs: on the event loop, in threads, or auto (the loop when the run "
                              "is expected to take under 1 ms with one worker thread, 0.2 ms with several)")
+    parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
+                        help="requests ready at the same time that share one session.run on the event loop "
+                             f"(default: {DEFAULT_MAX_BATCH}; 1: each runs alone)")
     return parser
 
 
@@ -359,7 +370,7 @@ def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
     settings = ServeSettings(args.host, port, args.max_body_mb, args.allow_nonfinite, args.access_log,
                              args.inference, args.threads, args.log_dir, args.log_sample_rate, args.log_max_mb,
                              args.log_keep, args.shadow, args.shadow_queue, args.phased, rollout_from_args(args),
-                             args.state_dir, args.admin_token)
+                             args.state_dir, args.admin_token, args.max_batch)
     with ExitStack() as stack:
         serve(args.bundle or root, _candidates_unpacked(settings, stack))
     return 0

@@ -106,8 +106,8 @@ class ShadowRoute(SingleRoute):
     mode = "shadow"
 
     def __init__(self, spec: ModelSpec, candidate: ModelSpec, placement: str, metrics: Any,
-                 log: PredictionLog | None, queue_size: int = DEFAULT_QUEUE) -> None:
-        super().__init__(spec, placement)
+                 log: PredictionLog | None, queue_size: int = DEFAULT_QUEUE, max_batch: int = 1) -> None:
+        super().__init__(spec, placement, max_batch)
         if queue_size < 1:
             raise InputError(f"--shadow-queue {queue_size}: expected at least 1", "e.g. --shadow-queue 64")
         check_signatures(spec, candidate)
@@ -155,7 +155,7 @@ class ShadowRoute(SingleRoute):
         except queue.Full:
             self.metrics.shadow_dropped.inc(self.name, self.candidate_spec.version)
             shadow = "dropped"
-        return Answer(answer.version, answer.outputs, answer.run_s, extra={"shadow": shadow})
+        return Answer(answer.version, answer.outputs, answer.run_s, {"shadow": shadow}, answer.batch)
 
     def _send(self) -> None:
         from .shadow_worker import write_frame
