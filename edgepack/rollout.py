@@ -2,7 +2,8 @@
 
 The log is the runtime's (``edgepack.runtime.prediction_log``): ``role: primary`` lines, one per
 answered request (``shadow: dropped`` when the shadow queue was full; in phased mode ``variant``
-says which model answered), ``role: shadow`` lines, one per pair a shadow candidate ran,
+says which model answered), ``role: shadow`` lines in ``shadow.jsonl``, one per pair a shadow
+candidate ran (its worker process writes them),
 ``role: check`` lines, one per phased request the primary also ran, and ``role: rollout`` lines,
 one per decision (and the spec the server started with). Rows are the unit of agreement: a
 request of 8 rows counts 8.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InputError
-from edgepack.runtime.prediction_log import LOG_NAME
+from edgepack.runtime.prediction_log import LOG_NAME, SHADOW_LOG_NAME
 
 Z_95 = 1.959963984540054
 
@@ -66,13 +67,16 @@ class ShadowReport:
 
 
 def log_files(folder: Path) -> list[Path]:
-    """Every part of the log, oldest first (``predictions.jsonl.N`` … ``.1``, then the current file)."""
+    """Every part of the log, oldest first (``predictions.jsonl.N`` … ``.1``, then the current file),
+    then the shadow worker's (``shadow.jsonl.N`` … ``shadow.jsonl``)."""
     if not folder.is_dir():
         raise InputError(f"--log-dir {folder}: no such folder", "give the folder `edgepack serve --log-dir` wrote")
-    parts = [p for p in folder.glob(LOG_NAME + ".*") if p.suffix[1:].isdigit()]
-    parts.sort(key=lambda p: -int(p.suffix[1:]))
-    current = folder / LOG_NAME
-    files = parts + ([current] if current.is_file() else [])
+    files: list[Path] = []
+    for name in (LOG_NAME, SHADOW_LOG_NAME):
+        parts = [p for p in folder.glob(name + ".*") if p.suffix[1:].isdigit()]
+        parts.sort(key=lambda p: -int(p.suffix[1:]))
+        current = folder / name
+        files += parts + ([current] if current.is_file() else [])
     if not files:
         raise InputError(f"--log-dir {folder}: no {LOG_NAME} in it",
                          "serve with --log-dir pointing there, then send requests")

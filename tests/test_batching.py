@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgepack.runtime.batching import BACKLOG
 from edgepack.runtime.bundle import extract_archive, verify_dir
 from edgepack.runtime.errors import InferenceFailed
 from edgepack.runtime.models import ModelSpec, ServedModel
@@ -58,8 +59,18 @@ def _gather_model(path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
-async def _together(model: ServedModel, requests: list[tuple[list[str] | None, dict]]) -> list:
-    return await asyncio.gather(*(model.infer(names, feed) for names, feed in requests), return_exceptions=True)
+async def _together(model: ServedModel, requests: list[tuple[list[str] | None, dict]], arrived: bool = True) -> list:
+    """The requests as an HTTP server hands them over when they come in one loop iteration: each
+    counted as arrived, then each task saying it started (what http_protocol and the app do)."""
+
+    async def one(names, feed):
+        BACKLOG.started()
+        return await model.infer(names, feed)
+
+    if arrived:
+        for _ in requests:
+            BACKLOG.arrived()
+    return await asyncio.gather(*(one(names, feed) for names, feed in requests), return_exceptions=True)
 
 
 def test_requests_ready_together_run_once_and_each_gets_its_own_rows(bundle_dir, rows):
@@ -90,8 +101,12 @@ def test_only_requests_asking_the_same_thing_share_a_run(bundle_dir, rows):
 
 
 def test_a_lone_request_and_max_batch_1_run_alone(bundle_dir, rows):
-    one = asyncio.run(_together(_model(bundle_dir, max_batch=32), [(None, {"X": rows[:2]})]))
-    assert one[0][2] == 1
+    model = _model(bundle_dir, max_batch=32)
+    one = asyncio.run(_together(model, [(None, {"X": rows[:2]})]))
+    assert one[0][2] == 1 and BACKLOG.waiting == 0
+    # Requests the server did not see arrive together (one connection, one after the other) run at once.
+    apart = asyncio.run(_together(model, [(None, {"X": rows[i:i + 1]}) for i in range(4)], arrived=False))
+    assert [batch for _, _, batch in apart] == [1] * 4
     off = _model(bundle_dir, max_batch=1)
     assert "requests ready together" not in off.where()
     assert [batch for _, _, batch in asyncio.run(_together(off, [(None, {"X": rows[i:i + 1]}) for i in range(4)]))] == [1] * 4

@@ -22,6 +22,7 @@ from typing import Any, Awaitable, Callable
 import orjson
 
 from . import openapi, v2
+from .batching import BACKLOG
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .models import Registry
@@ -91,6 +92,7 @@ class App:
             return
         if scope["type"] != "http":
             return
+        BACKLOG.started()
         started = time.perf_counter()
         call = _Call()
         metrics = self.metrics

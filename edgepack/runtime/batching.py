@@ -7,7 +7,8 @@ against ~10 µs in a tight loop, while 16 rows in one run take ~30 µs. A reques
 event loop therefore waits for the end of the loop's current round of callbacks; every request
 that became ready in that round and asks for the same thing (same outputs, same shapes past the
 first axis) joins one run of up to ``max_batch`` requests, and each gets back its own rows.
-Nothing waits on a timer: a lone request runs one loop iteration later, on its own.
+Nothing waits on a timer, and a request waits at all only when ``BACKLOG`` says the HTTP server
+has parsed other requests whose handling has not begun: a lone request (concurrency 1) runs at once.
 
 A model is batched only when a two-row run proved that its outputs have one row per input row and
 that row *i* of a two-row run is row *i* of a one-row run (``rows_are_independent``). A batch that
@@ -52,38 +53,88 @@ def rows_are_independent(run: Run, feed: dict[str, np.ndarray]) -> bool:
     return True
 
 
-class _Waiting:
-    __slots__ = ("names", "feed", "rows", "future", "key")
+class Backlog:
+    """Requests the HTTP server has parsed whose handling has not begun yet. More than zero means
+    other requests are ready in this loop iteration: only then is a round worth waiting for.
+    ``http_protocol`` counts arrivals; the app counts starts. One per process, like the loop."""
 
-    def __init__(self, names: list[str] | None, feed: dict[str, np.ndarray], future: asyncio.Future) -> None:
+    __slots__ = ("waiting",)
+
+    def __init__(self) -> None:
+        self.waiting = 0
+
+    def arrived(self) -> None:
+        self.waiting += 1
+
+    def started(self) -> None:
+        if self.waiting:  # a server that counts no arrivals (h11) leaves it at 0
+            self.waiting -= 1
+
+
+BACKLOG = Backlog()
+
+
+class _Waiting:
+    __slots__ = ("names", "feed", "rows", "future", "key", "outcome")
+
+    def __init__(self, names: list[str] | None, feed: dict[str, np.ndarray], future: asyncio.Future | None) -> None:
         self.names = names
         self.feed = feed
-        self.future = future
+        self.future = future  # None for the round's leader, which runs the round itself
+        self.outcome: Any = None  # the leader's result, or the exception its run raised
         first = next(iter(feed.values()))
         self.rows = first.shape[0]
         # Requests with equal keys can be stacked along axis 0.
         self.key = (tuple(names) if names else None,
                     tuple((name, array.dtype.str, array.shape[1:]) for name, array in feed.items()))
 
+    def answer(self, outcome: Any) -> None:
+        if self.future is None:
+            self.outcome = outcome
+        elif not self.future.done():  # a client that went away cancelled its request's task
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)
+
 
 class Batcher:
-    """Collects the requests of one loop iteration and runs them together (see the module's doc)."""
+    """Collects the requests of one loop iteration and runs them together (see the module's doc).
 
-    def __init__(self, run: Run, max_batch: int) -> None:
+    The first request of a round leads it: it yields to the loop once, so that the other requests
+    ready in this iteration join, then runs them all and goes on with its own answer at once; the
+    others wait on futures."""
+
+    def __init__(self, run: Run, max_batch: int, backlog: Backlog = BACKLOG) -> None:
         self._run = run
         self.max_batch = max_batch
+        self.backlog = backlog
         self._waiting: list[_Waiting] = []
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, int]:
         """The request's outputs, the seconds its run took and how many requests that run served."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._waiting:
-            loop.call_soon(self._run_waiting)
-        self._waiting.append(_Waiting(names, feed, future))
-        return await future
+        if self._waiting:
+            item = _Waiting(names, feed, asyncio.get_running_loop().create_future())
+            self._waiting.append(item)
+            return await item.future  # type: ignore[misc]
+        if not self.backlog.waiting:  # nobody else is ready: run now, alone
+            started = time.perf_counter()
+            return self._run(names, feed), time.perf_counter() - started, 1
+        item = _Waiting(names, feed, None)
+        self._waiting.append(item)
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the leader is gone: the round's others still get their answers
+            self._waiting.remove(item)
+            if self._waiting:
+                asyncio.get_running_loop().call_soon(self._run_round)
+            raise
+        self._run_round()
+        if isinstance(item.outcome, BaseException):
+            raise item.outcome
+        return item.outcome
 
-    def _run_waiting(self) -> None:
+    def _run_round(self) -> None:
         waiting, self._waiting = self._waiting, []
         while waiting:
             key = waiting[0].key
@@ -105,7 +156,7 @@ class Batcher:
                 start = 0
                 for item in batch:
                     stop = start + item.rows
-                    _answer(item, ({name: array[start:stop] for name, array in outputs.items()}, run_s, len(batch)))
+                    item.answer(({name: array[start:stop] for name, array in outputs.items()}, run_s, len(batch)))
                     start = stop
                 return
         for item in batch:
@@ -113,12 +164,6 @@ class Batcher:
             try:
                 outputs = self._run(item.names, item.feed)
             except Exception as err:  # noqa: BLE001 - InferenceFailed (a 500) or a bug: this request's alone
-                if not item.future.done():
-                    item.future.set_exception(err)
+                item.answer(err)
             else:
-                _answer(item, (outputs, time.perf_counter() - started, 1))
-
-
-def _answer(item: _Waiting, result: Any) -> None:
-    if not item.future.done():  # a client that went away cancelled its request's task
-        item.future.set_result(result)
+                item.answer((outputs, time.perf_counter() - started, 1))

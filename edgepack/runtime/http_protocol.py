@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, answering each response with one write instead of two.
+"""uvicorn's httptools protocol, answering each response with one write instead of two, and
+counting requests whose handling has not begun (``batching.BACKLOG``).
 
 uvicorn writes a response's head and its body with two ``transport.write`` calls, and uvloop sends
 each at once: two syscalls and two TCP segments per answer, the second of which wakes the client
@@ -13,6 +14,8 @@ import asyncio
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .batching import BACKLOG
 
 
 class _Coalescing:
@@ -49,3 +52,7 @@ class _Coalescing:
 class OneWriteHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Coalescing(transport, self.loop))  # type: ignore[arg-type]
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        BACKLOG.arrived()  # the app says started() when the task begins
+        super()._start_asgi_task(cycle, app)

@@ -1,9 +1,8 @@
 """Prometheus metrics of the server, in the text exposition format (version 0.0.4), without a client library.
 
-Every update happens on the event loop's thread, so nothing here needs a lock; the one exception,
-the shadow series, have a single writer (the shadow receiver thread) and exist before it starts,
-so a scrape never iterates a dict that changes size (at worst it reads a histogram between two of
-its own updates). Label values come
+Every update happens on the event loop's thread, so nothing here needs a lock. The shadow series
+are counted by the shadow worker's process; ``collectors`` copy them in when /metrics is scraped.
+Label values come
 from a closed set (model names the registry knows, endpoint names, status codes), never from raw
 request paths, so a scanner probing random URLs cannot grow the series without bound.
 """
@@ -11,6 +10,7 @@ request paths, so a scanner probing random URLs cannot grow the series without b
 from __future__ import annotations
 
 from bisect import bisect_left
+from typing import Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # 50 µs (a tiny model's run) to 5 s, about three per decade.
@@ -132,8 +132,11 @@ class ServerMetrics:
                                     "Percent of requests the candidate answers now.", ("model",))
         self.rollout_state = Gauge("edgepack_rollout_state", "1 for the rollout's current state.", ("model", "state"))
         self.phased = False
+        self.collectors: list[Callable[[], None]] = []  # called before each exposition, on the loop
 
     def exposition(self) -> bytes:
+        for collect in self.collectors:
+            collect()
         lines: list[str] = []
         shadow = (self.shadow_requests, self.shadow_dropped, self.shadow_errors, self.shadow_agreement,
                   self.shadow_latency) if self.shadow else ()

@@ -1,11 +1,13 @@
-"""The prediction log: one JSON line per answered inference request, and one per shadow pair.
+"""The prediction log: one JSON line per answered inference request (``predictions.jsonl``); the
+shadow worker writes one per shadow pair to its own ``shadow.jsonl`` the same way.
 
 Durability: each line is serialised whole and handed to the kernel with a single ``os.write`` on
 an ``O_APPEND`` descriptor before the response is sent. A line in the page cache survives the
 server being killed (even ``kill -9``), so a client that got an answer has its line; it does not
 survive a power cut (no fsync: that would cost milliseconds per request). One ``write`` of a
 complete line means a killed server leaves no partial line behind, and O_APPEND keeps lines whole
-when the event loop and the shadow worker write at once. A lock orders writes and rotation.
+when the event loop and a worker thread (phased agreement checks) write at once. A lock orders
+writes and rotation.
 
 Rotation by size: when the current file would pass ``max_bytes``, it is renamed (atomic) to
 ``predictions.jsonl.1`` after shifting older parts up, the oldest beyond ``keep`` files removed,
@@ -28,6 +30,7 @@ import orjson
 from .errors import InputError
 
 LOG_NAME = "predictions.jsonl"
+SHADOW_LOG_NAME = "shadow.jsonl"  # the shadow worker's lines, written by its own process
 # Outputs with more values than this are logged as a digest: a log line stays a few KB at most.
 MAX_LOGGED_VALUES = 256
 DEFAULT_SAMPLE_RATE = 0.01
@@ -83,7 +86,7 @@ def add_outputs(record: dict[str, Any], outputs: dict[str, np.ndarray]) -> None:
 
 class PredictionLog:
     def __init__(self, folder: Path, sample_rate: float = DEFAULT_SAMPLE_RATE, max_mb: float = DEFAULT_MAX_MB,
-                 keep: int = DEFAULT_KEEP) -> None:
+                 keep: int = DEFAULT_KEEP, name: str = LOG_NAME) -> None:
         if not 0 <= sample_rate <= 1:
             raise InputError(f"--log-sample-rate {sample_rate:g}: expected a share within 0..1", "e.g. 0.01")
         if max_mb <= 0:
@@ -95,7 +98,8 @@ class PredictionLog:
         except OSError as err:
             raise InputError(f"--log-dir {folder}: cannot create it ({err.strerror})", "choose a writable folder") from None
         self.folder = folder
-        self.path = folder / LOG_NAME
+        self.name = name
+        self.path = folder / name
         self.sample_rate = sample_rate
         self.max_bytes = int(max_mb * 2**20)
         self.keep = keep
@@ -107,7 +111,7 @@ class PredictionLog:
         try:
             return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise InputError(f"--log-dir {self.folder}: cannot write {LOG_NAME} ({err.strerror})",
+            raise InputError(f"--log-dir {self.folder}: cannot write {self.name} ({err.strerror})",
                              "choose a writable folder") from None
 
     def sampled(self) -> bool:
@@ -127,7 +131,7 @@ class PredictionLog:
 
     def _rotate(self) -> None:
         os.close(self._fd)
-        parts = [self.folder / f"{LOG_NAME}.{n}" for n in range(1, self.keep)]
+        parts = [self.folder / f"{self.name}.{n}" for n in range(1, self.keep)]
         if parts:
             for older, newer in zip(reversed(parts[1:]), reversed(parts[:-1])):
                 if newer.exists():

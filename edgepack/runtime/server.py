@@ -213,6 +213,17 @@ def _run(root: Path, manifest: dict, settings: ServeSettings, registry, metrics,
     print(f"stopped serving {manifest['name']} {manifest['version']}", file=sys.stderr, flush=True)
 
 
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed (imports, the model's protobuf, warm-up buffers) back to
+    the OS: ~3 MB of a small model server's RSS on glibc. Elsewhere (musl, macOS) a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _load(registry, metrics, server, failures: list[EdgepackError], address: str, started: float) -> None:
     try:
         for route in registry:
@@ -224,6 +235,7 @@ def _load(registry, metrics, server, failures: list[EdgepackError], address: str
         return
     while not server.started and not server.should_exit:  # the log line promises a port that answers
         time.sleep(0.002)
+    _return_freed_memory()
     for route in registry:
         model = route.model
         print(f"serving {route.name} {route.spec.version} on {address} (ready in "

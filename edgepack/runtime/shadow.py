@@ -1,16 +1,18 @@
 """Shadow mode: the primary answers; a candidate runs the same input off the request's path.
 
-The candidate lives in its own process (``shadow_worker``, SCHED_IDLE), so its work never holds
-the GIL the server's event loop needs. The route hands each answered request's input and the
-primary's outputs to a bounded queue and returns at once: the primary's answer never waits for the
-candidate. When the queue is full the shadow work is dropped and counted (flooding must slow
-nothing but the shadow). A sender thread writes the queue to the worker's pipe; a receiver thread
-reads back one record per pair, writes it as a ``role: shadow`` line to the prediction log, and
-counts it; a candidate failure is caught there, counted and logged, never seen by the client.
+The candidate lives in its own process (``shadow_worker``, SCHED_IDLE), which also compares, logs
+and counts each pair, so the server's share of a pair is small and on its event loop: once a
+request's answer has gone out, one frame (the request's id, inputs and the primary's outputs) is
+written to the worker's non-blocking pipe. The queue is the pairs sent that the worker has not
+finished, read from the counts it shares (``shadow_worker.Stats``): when ``queue_size`` are
+waiting, the pair is dropped and counted (flooding must slow nothing but the shadow). A candidate
+failure is caught, logged and counted by the worker, never seen by the client. No thread of the
+server wakes per pair: the GIL stays with the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import subprocess
@@ -100,7 +102,7 @@ def stop_worker(items: queue.Queue, worker: threading.Thread) -> None:
 
 
 class ShadowRoute(SingleRoute):
-    """The primary's route, plus a candidate in a worker process fed from a bounded queue. Only the
+    """The primary's route, plus a candidate in a worker process fed through a pipe. Only the
     primary is addressable."""
 
     mode = "shadow"
@@ -115,10 +117,15 @@ class ShadowRoute(SingleRoute):
         self.candidate: Candidate | None = None
         self.metrics = metrics
         self.log = log
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
         self._process: subprocess.Popen | None = None
-        self._sender = threading.Thread(target=self._send, name="shadow-send", daemon=True)
-        self._receiver = threading.Thread(target=self._receive, name="shadow-receive", daemon=True)
+        self._stats: Any = None  # shadow_worker.Stats, once loaded
+        self._sent = 0  # pairs written (or being written) to the worker
+        self._pipe = -1  # the worker's stdin, non-blocking
+        self._pending = bytearray()  # frame bytes the pipe could not take yet
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watcher = threading.Thread(target=self._watch, name="shadow-watch", daemon=True)
+        self._closing = False
 
     @property
     def ready(self) -> bool:
@@ -126,10 +133,12 @@ class ShadowRoute(SingleRoute):
 
     def load(self) -> None:
         """The candidate's process starts first: it loads while the primary does."""
-        self._process = _start_worker(self.candidate_spec.root)
-        super().load()
-        from .shadow_worker import read_frame
+        from .metrics import LATENCY_BUCKETS_S
+        from .shadow_worker import Stats, read_frame
 
+        self._stats = Stats.create(LATENCY_BUCKETS_S)
+        self._process = _start_worker(self.candidate_spec.root, self._stats.fd, self.log)
+        super().load()
         first = read_frame(self._process.stdout)  # type: ignore[arg-type]
         if first is None or not first[0].get("ready"):
             self._process.wait(timeout=30)
@@ -137,90 +146,96 @@ class ShadowRoute(SingleRoute):
             raise UnsupportedHere(f"--shadow {self.candidate_spec.name} {self.candidate_spec.version}: the candidate "
                                   f"could not be loaded: {why}", "check the candidate bundle with edgepack verify")
         self.candidate = Candidate(self.candidate_spec, first[0]["warm_run_s"])
+        self._pipe = self._process.stdin.fileno()  # type: ignore[union-attr]
+        os.set_blocking(self._pipe, False)
         metrics, labels = self.metrics, (self.name, self.candidate_spec.version)
-        for counter in (metrics.shadow_requests, metrics.shadow_dropped, metrics.shadow_errors):
-            counter.inc(*labels, amount=0)
-        for result in ("agree", "disagree"):
-            metrics.shadow_agreement.inc(*labels, result, amount=0)
-        metrics.shadow_latency.start(*labels)
-        self._sender.start()
-        self._receiver.start()
+        metrics.shadow_dropped.inc(*labels, amount=0)
+        metrics.collectors.append(self._collect)
+        self._collect()
+        self._watcher.start()
 
     async def infer(self, names: list[str] | None, feed: dict[str, np.ndarray], request_id: str = "",
                     key: str | None = None, version: str | None = None) -> Answer:
         answer = await super().infer(names, feed)
-        try:
-            self._queue.put_nowait((request_id, feed, answer, time.monotonic()))
-            shadow = "queued"
-        except queue.Full:
+        if self._sent - self._stats.done >= self.queue_size:
             self.metrics.shadow_dropped.inc(self.name, self.candidate_spec.version)
             shadow = "dropped"
+        else:
+            self._sent += 1
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            # After this step of the request's task, which sends its answer: the frame costs the answer nothing.
+            self._loop.call_soon(self._send, request_id, feed, answer, time.monotonic())
+            shadow = "queued"
         return Answer(answer.version, answer.outputs, answer.run_s, {"shadow": shadow}, answer.batch)
 
-    def _send(self) -> None:
-        from .shadow_worker import write_frame
+    def _send(self, request_id: str, feed: dict[str, np.ndarray], answer: Answer, queued_at: float) -> None:
+        from .shadow_worker import encode_frame
 
-        pipe = self._process.stdin  # type: ignore[union-attr]
-        try:
-            while True:
-                item = self._queue.get()
-                if item is STOP:
-                    return
-                request_id, feed, answer, queued_at = item
-                write_frame(pipe, {"id": request_id, "model": self.name, "version": answer.version,
-                                   "run_ms": answer.run_s * 1000, "queued_at": queued_at},
-                            {"inputs": feed, "primary": answer.outputs})
-        except (BrokenPipeError, ValueError):  # the worker died (the receiver says so) or the pipe closed
-            pass
-        finally:
-            try:
-                pipe.close()  # the worker answers what it read, then exits
-            except OSError:
-                pass
-
-    def _receive(self) -> None:
-        from .shadow_worker import read_frame
-
-        while True:
-            try:
-                frame = read_frame(self._process.stdout)  # type: ignore[arg-type, union-attr]
-            except (EOFError, OSError, ValueError) as err:
-                frame, why = None, f"{type(err).__name__}: {err}"
-            else:
-                why = "it exited"
-            if frame is None:
-                code = self._process.wait()  # type: ignore[union-attr]
-                if code != 0:
-                    print(f"shadow: the candidate's process stopped ({why}, code {code}); shadow runs stop, "
-                          "the primary goes on", file=sys.stderr, flush=True)
-                return
-            record = frame[0]
-            if self.log is not None:
-                self.log.write(record)
-            self._update(record)  # after the line: a count on /metrics means its line is written
-
-    def _update(self, record: dict[str, Any]) -> None:
-        """On the receiver thread, the only writer of these series (created in ``load``, so that a
-        scrape on the loop never sees a dict change size): waking the event loop for each pair
-        would cost the primary more than the counts are worth."""
-        metrics, labels = self.metrics, (self.name, self.candidate_spec.version)
-        metrics.shadow_requests.inc(*labels)
-        if record["status"] != "ok":
-            metrics.shadow_errors.inc(*labels)
+        frame = encode_frame({"id": request_id, "model": self.name, "version": answer.version,
+                              "run_ms": answer.run_s * 1000, "queued_at": queued_at},
+                             {"inputs": feed, "primary": answer.outputs})
+        if self._pending:  # frames go in order: after what is already waiting
+            self._pending += frame
             return
-        metrics.shadow_latency.observe(record["candidate"]["run_ms"] / 1000, *labels)
-        if "rows" in record:
-            metrics.shadow_agreement.inc(*labels, "agree", amount=record["agreed_rows"])
-            metrics.shadow_agreement.inc(*labels, "disagree", amount=record["rows"] - record["agreed_rows"])
+        try:
+            written = os.write(self._pipe, frame)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the worker is gone (the watcher says so); its pairs stay unfinished, so later ones drop
+            return
+        if written < len(frame):
+            self._pending += frame[written:]
+            self._loop.add_writer(self._pipe, self._drain)  # type: ignore[union-attr]
+
+    def _drain(self) -> None:
+        try:
+            written = os.write(self._pipe, self._pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._pending)
+        del self._pending[:written]
+        if not self._pending:
+            self._loop.remove_writer(self._pipe)  # type: ignore[union-attr]
+
+    def _collect(self) -> None:
+        """Copy the worker's counts into the shadow series: when /metrics is scraped, not per pair."""
+        from .shadow_worker import Stats
+
+        metrics, labels, slots = self.metrics, (self.name, self.candidate_spec.version), self._stats.slots
+        metrics.shadow_requests.values[labels] = slots[Stats.DONE]
+        metrics.shadow_errors.values[labels] = slots[Stats.ERRORS]
+        metrics.shadow_agreement.values[(*labels, "agree")] = slots[Stats.AGREED]
+        metrics.shadow_agreement.values[(*labels, "disagree")] = slots[Stats.DISAGREED]
+        metrics.shadow_latency.series[labels] = [*slots[Stats.BUCKETS:], slots[Stats.RUN_SUM]]
+
+    def _watch(self) -> None:
+        """Wait for the worker's end, and say so if it was not asked to stop."""
+        process = self._process
+        process.stdout.read()  # type: ignore[union-attr]  # nothing more comes until it exits
+        code = process.wait()  # type: ignore[union-attr]
+        if code != 0 and not self._closing:
+            print(f"shadow: the candidate's process stopped (code {code}); shadow runs stop, the primary goes on",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         super().close()
-        stop_worker(self._queue, self._sender)
-        if self._receiver.is_alive():
-            self._receiver.join(timeout=10)  # the pairs in hand are answered and written
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        self._closing = True
+        if self._process is not None:
+            try:
+                self._process.stdin.close()  # type: ignore[union-attr]  # the worker finishes what it read, then exits
+            except OSError:
+                pass
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._watcher.is_alive():
+            self._watcher.join(timeout=5)
+        if self._stats is not None:
+            self._collect()  # the last counts stay readable
 
 
 @dataclass(frozen=True)
@@ -231,10 +246,12 @@ class Candidate:
     warm_run_s: float
 
 
-def _start_worker(bundle: Path) -> subprocess.Popen:
-    """``python -m <this package>.shadow_worker BUNDLE``, importable wherever this runtime is
-    (a bundle's ``runtime/`` or the installed ``edgepack.runtime``)."""
+def _start_worker(bundle: Path, stats_fd: int, log: PredictionLog | None) -> subprocess.Popen:
+    """``python -m <this package>.shadow_worker BUNDLE ...``, importable wherever this runtime is
+    (a bundle's ``runtime/`` or the installed ``edgepack.runtime``); it logs beside ``log``."""
     package_root = Path(__file__).resolve().parents[__package__.count(".") + 1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(package_root), os.environ.get("PYTHONPATH")]))}
-    return subprocess.Popen([sys.executable, "-m", f"{__package__}.shadow_worker", str(bundle)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=1 << 16)
+    command = [sys.executable, "-m", f"{__package__}.shadow_worker", str(bundle), "--stats-fd", str(stats_fd)]
+    if log is not None:
+        command += ["--log-dir", str(log.folder), "--log-max-mb", repr(log.max_bytes / 2**20), "--log-keep", str(log.keep)]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=(stats_fd,))

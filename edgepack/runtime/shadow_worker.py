@@ -1,26 +1,36 @@
-"""The shadow candidate's own process: ``python -m <runtime>.shadow_worker CANDIDATE_BUNDLE_DIR``.
+"""The shadow candidate's own process: ``python -m <runtime>.shadow_worker BUNDLE --stats-fd N [--log-dir D ...]``.
 
 Why a process: in a thread of the server, the candidate's Python work per pair (compare, record,
 metrics) holds the GIL the event loop needs, and on a server with one core the primary's p99 rose
 by ~80%. In its own process under SCHED_IDLE the kernel hands the core to the server whenever it
-wants it, and the server's share of a pair is a frame written and a frame read; the p99 cost fell
-to ~7% at c=1 (benchmarks/serve_load.py).
+wants it.
 
-Frames on both pipes: a 4-byte big-endian length, a JSON header, then the raw bytes of the arrays
-the header lists (name, dtype, shape; strings travel inside the header as JSON). The parent sends
-one frame per request (its id, inputs and the primary's outputs); this process answers one frame
-per pair: the shadow log record, as ``shadow.ShadowRoute`` writes it. The first frame it sends says
-it is ready (or why it is not). It exits when its input closes, after answering what it read:
-also when the server is killed, since a dead parent closes the pipe.
+Why it does all of a pair's work itself: each frame the server decoded or line it wrote for a pair
+was GIL work beside its event loop (p99 +5-20% at c=1 with a sender and a receiver thread). Now the
+server's share of a pair is one frame encoded and written to a non-blocking pipe after the answer
+went out. This process runs the candidate, compares, writes the pair's ``role: shadow`` line to
+its own log (``shadow.jsonl`` beside the server's ``predictions.jsonl``, rotated the same way) and
+then counts it in a small shared memory block (``Stats``) that the server reads when /metrics is
+scraped and to know how many pairs are still waiting: nothing comes back per pair.
+
+Frames from the server: a 4-byte big-endian length, a JSON header, then the raw bytes of the arrays
+the header lists (name, dtype, shape; strings travel inside the header as JSON): the request's id,
+its inputs and the primary's outputs. On its stdout this process writes one frame, saying it is
+ready (or why it is not). It exits when its input closes, after finishing what it read: also when
+the server is killed, since a dead parent closes the pipe.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import mmap
 import os
 import struct
 import sys
+import tempfile
 import time
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,7 +41,56 @@ NICE = 19
 _LENGTH = struct.Struct(">I")
 
 
-def write_frame(stream: BinaryIO, header: dict[str, Any], arrays: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+class Stats:
+    """Counts shared by the worker (the only writer) and the server: float64 slots in a memory
+    block both map. Slots: pairs done, candidate errors, rows agreed, rows disagreed, the sum of
+    the candidate's run seconds, then the run-time histogram's buckets (``metrics.LATENCY_BUCKETS_S``,
+    then one above them all). A reader may see one pair's counts half updated; never a torn value."""
+
+    DONE, ERRORS, AGREED, DISAGREED, RUN_SUM, BUCKETS = range(6)
+
+    def __init__(self, fd: int, buckets: tuple[float, ...]) -> None:
+        self.fd = fd
+        self.buckets = buckets
+        size = 8 * (self.BUCKETS + len(buckets) + 1)
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        self._map = mmap.mmap(fd, size)
+        self.slots = memoryview(self._map).cast("d")
+
+    @classmethod
+    def create(cls, buckets: tuple[float, ...]) -> Stats:
+        """A new, zeroed block, in memory where the OS allows (memfd), else in an unlinked temp file."""
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("edgepack-shadow-stats", getattr(os, "MFD_CLOEXEC", 0))
+        else:
+            fd = os.dup(tempfile.TemporaryFile().fileno())
+        return cls(fd, buckets)
+
+    def record(self, run_s: float | None, rows: int | None, agreed: int | None) -> None:
+        """One pair: ``run_s`` None when the candidate failed."""
+        slots = self.slots
+        if run_s is None:
+            slots[self.ERRORS] += 1
+        else:
+            slots[self.RUN_SUM] += run_s
+            slots[self.BUCKETS + bisect_left(self.buckets, run_s)] += 1
+            if rows is not None and agreed is not None:
+                slots[self.AGREED] += agreed
+                slots[self.DISAGREED] += rows - agreed
+        slots[self.DONE] += 1  # last: a pair counted done has its other counts (and its log line)
+
+    @property
+    def done(self) -> int:
+        return int(self.slots[self.DONE])
+
+    def close(self) -> None:
+        self.slots.release()
+        self._map.close()
+        os.close(self.fd)
+
+
+def encode_frame(header: dict[str, Any], arrays: dict[str, dict[str, np.ndarray]] | None = None) -> bytes:
     """``arrays`` groups named arrays (e.g. "inputs", "primary"); their layout goes in the header."""
     blobs: list[bytes] = []
     if arrays:
@@ -47,7 +106,11 @@ def write_frame(stream: BinaryIO, header: dict[str, Any], arrays: dict[str, dict
                 blobs.append(array.tobytes())
         header = {**header, "arrays": layout}
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
-    stream.write(b"".join([_LENGTH.pack(len(head)), head, *blobs]))
+    return b"".join([_LENGTH.pack(len(head)), head, *blobs])
+
+
+def write_frame(stream: BinaryIO, header: dict[str, Any], arrays: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+    stream.write(encode_frame(header, arrays))
     stream.flush()
 
 
@@ -95,21 +158,34 @@ def _yield_to_the_server() -> None:
         pass
 
 
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="shadow_worker")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--stats-fd", type=int, required=True)
+    parser.add_argument("--log-dir", type=Path)
+    parser.add_argument("--log-max-mb", type=float, default=64.0)
+    parser.add_argument("--log-keep", type=int, default=5)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> int:
     from .errors import EdgepackError
+    from .metrics import LATENCY_BUCKETS_S
     from .models import ModelSpec, ServedModel
-    from .prediction_log import now, outputs_field
+    from .prediction_log import SHADOW_LOG_NAME, PredictionLog, now, outputs_field
     from .shadow import compare
 
+    args = _args(argv)
     source, sink = sys.stdin.buffer, sys.stdout.buffer
-    root = Path(argv[0])
     try:
-        manifest = json.loads((root / "manifest.json").read_text())  # verified by the server before it started this
-        spec = ModelSpec.from_bundle(root, manifest, 1)
+        manifest = json.loads((args.bundle / "manifest.json").read_text())  # verified by the server before it started this
+        spec = ModelSpec.from_bundle(args.bundle, manifest, 1)
         model = ServedModel(spec, "thread")
+        log = PredictionLog(args.log_dir, 0, args.log_max_mb, args.log_keep, SHADOW_LOG_NAME) if args.log_dir else None
     except EdgepackError as err:
         write_frame(sink, {"ready": False, "error": err.one_line()})
         return int(err.exit_code)
+    stats = Stats(args.stats_fd, LATENCY_BUCKETS_S)
     _yield_to_the_server()
     write_frame(sink, {"ready": True, "warm_run_s": model.warm_run_s})
     while True:
@@ -129,12 +205,19 @@ def main(argv: list[str]) -> int:
             record["candidate"] = {"version": spec.version, "run_ms": (time.perf_counter() - started) * 1000,
                                    "error": getattr(err, "message", None) or f"{type(err).__name__}: {err}"}
             record["status"] = "error"
+            run_s = None
         else:
-            record["candidate"] = {"version": spec.version, "run_ms": (time.perf_counter() - started) * 1000,
-                                   **outputs_field(outputs)}
+            run_s = time.perf_counter() - started
+            record["candidate"] = {"version": spec.version, "run_ms": run_s * 1000, **outputs_field(outputs)}
             record["status"] = "ok"
             record.update(compare(primary, outputs))
-        write_frame(sink, record)
+        if log is not None:
+            try:
+                log.write(record)
+            except OSError as err:  # a full disk costs the shadow's lines, never the worker
+                print(f"shadow: cannot write {log.path} ({err.strerror or err}); the pair is counted, not logged",
+                      file=sys.stderr, flush=True)
+        stats.record(run_s, record.get("rows"), record.get("agreed_rows"))
 
 
 if __name__ == "__main__":
