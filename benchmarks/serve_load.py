@@ -9,7 +9,7 @@ On 127.0.0.1, with the server pinned to one core (``taskset -c 0``) and wrk to t
 3. ``edgepack serve`` with ``--log-dir`` (input validation and metrics are always on): time from
    spawn to ``/v2/health/ready`` = 200, p50/p99 and requests/s at concurrency 1 and 16 (one-row
    v2 JSON POSTs), resident memory after the load (VmRSS and peak VmHWM from /proc);
-4. the same with ``--shadow CANDIDATE`` (the candidate's worker thread shares the server's core);
+4. the same with ``--shadow CANDIDATE`` (the candidate's worker process shares the server's core);
 5. peers on the same model.onnx, each from its own venv under ``~/.cache/edgepack/bench-venvs``
    (made on first use, see ``serve_peers.py``): a hand-written FastAPI + uvicorn (uvloop,
    httptools) endpoint, KServe's Python ``ModelServer`` and BentoML 1.4. A peer that does not
@@ -336,7 +336,7 @@ def main() -> None:
     for name, why in skipped.items():
         print(f"{name:<16} skipped: {why}")
     print(f"\nshadow/no-shadow p99 (median of same-round ratios): c=1 {same_round_ratio(rounds, 'c1', 'p99_ms'):.3f}, "
-          f"c=16 {same_round_ratio(rounds, 'c16', 'p99_ms'):.3f}; the candidate's thread shares the server's core")
+          f"c=16 {same_round_ratio(rounds, 'c16', 'p99_ms'):.3f}; the candidate's process shares the server's core")
     print("\ntargets (edgepack with validation, metrics and the prediction log on):")
     results = verdicts(table, rounds)
     for label, value, target, verdict in results:

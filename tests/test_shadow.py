@@ -227,6 +227,44 @@ def test_a_slow_candidate_is_dropped_when_flooded_and_the_primary_answers_all(bu
     assert summary.p50_ratio is not None and summary.p50_ratio > 10  # it is the slow one, and measured as such
 
 
+def test_requests_larger_than_the_pipe_reach_the_candidate_whole(bundle_dir, tmp_path):
+    """A frame of 4,000 rows (~100 KB) does not fit the worker's pipe at once: the rest is written
+    when the pipe drains, in order, and every pair compares all of its rows."""
+    log_dir = tmp_path / "log"
+    served = Served([*SERVE, "--shadow", str(bundle_dir), "--log-dir", str(log_dir)], bundle_dir)
+    batch = np.random.default_rng(1).normal(size=(4000, 6)).astype(np.float32)
+    try:
+        for i in range(6):
+            assert _infer(served.url, batch + i, f"big-{i}")[0] == 200
+        version = json.loads((bundle_dir / "manifest.json").read_text())["version"]
+        _wait_for(lambda: _metric(served.url, f'edgepack_shadow_requests_total{{model="classifier",version="{version}"}}')
+                  == 6)
+        agreed = _metric(served.url, f'edgepack_shadow_agreement_total{{model="classifier",version="{version}",result="agree"}}')
+        assert agreed == 6 * 4000
+    finally:
+        assert served.stop() == 0
+    pairs = [r for r in _lines(log_dir) if r["role"] == "shadow"]
+    assert [p["id"] for p in pairs] == [f"big-{i}" for i in range(6)]
+    assert all(p["rows"] == p["agreed_rows"] == 4000 and p["max_abs_diff"] == 0 for p in pairs)
+
+
+def test_a_candidate_process_that_dies_stops_the_shadow_not_the_primary(bundle_dir, tmp_path, rows):
+    served = Served([*SERVE, "--shadow", str(bundle_dir), "--shadow-queue", "4"], bundle_dir)
+    version = json.loads((bundle_dir / "manifest.json").read_text())["version"]
+    dropped = f'edgepack_shadow_dropped_total{{model="classifier",version="{version}"}}'
+    try:
+        assert _infer(served.url, rows[:2], "before")[0] == 200
+        (worker,) = _children(served.process.pid)
+        os.kill(worker, signal.SIGKILL)
+        _wait_for(lambda: any("the candidate's process stopped" in line for line in served.log))
+        for i in range(20):
+            status, answer = _infer(served.url, rows[i:i + 1], f"after-{i}")
+            assert status == 200 and answer["id"] == f"after-{i}"
+        assert _metric(served.url, dropped) >= 20 - 4  # past the queue's 4, every pair is dropped
+    finally:
+        assert served.stop() == 0
+
+
 def test_rollout_report_agreement_interval_holds_the_truth(bundle_dir, tmp_path, rows):
     session = ort.InferenceSession(str(bundle_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     labels = session.run(["label"], {"X": rows})[0]

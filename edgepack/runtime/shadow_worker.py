@@ -84,11 +84,6 @@ class Stats:
     def done(self) -> int:
         return int(self.slots[self.DONE])
 
-    def close(self) -> None:
-        self.slots.release()
-        self._map.close()
-        os.close(self.fd)
-
 
 def encode_frame(header: dict[str, Any], arrays: dict[str, dict[str, np.ndarray]] | None = None) -> bytes:
     """``arrays`` groups named arrays (e.g. "inputs", "primary"); their layout goes in the header."""
