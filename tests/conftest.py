@@ -59,3 +59,16 @@ def built_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     spec = BuildSpec(model=data_dir / "classifier.skops", sample=data_dir / "sample.npy", out=out,
                      bench_time_s=0.2)
     return build(spec).bundle
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(built_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``built_bundle`` unpacked, once per test module (a module may change its copy)."""
+    from edgepack.runtime.bundle import extract_archive
+
+    return extract_archive(built_bundle, tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def rows(data_dir: Path) -> np.ndarray:
+    return np.load(data_dir / "sample.npy")

@@ -11,27 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgepack.runtime.batching import BACKLOG
-from edgepack.runtime.bundle import extract_archive, verify_dir
+from edgepack.runtime.bundle import verify_dir
 from edgepack.runtime.errors import InferenceFailed
 from edgepack.runtime.models import ModelSpec, ServedModel
 from test_serve import Served, _failing_model
 from test_shadow import _candidate, _lines
 
 SERVE = [sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", "0"]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(built_bundle, tmp_path_factory) -> Path:
-    return extract_archive(built_bundle, tmp_path_factory.mktemp("primary"))
-
-
-@pytest.fixture(scope="module")
-def rows(data_dir) -> np.ndarray:
-    return np.load(data_dir / "sample.npy")
 
 
 def _model(root: Path, max_batch: int) -> ServedModel:

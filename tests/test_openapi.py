@@ -20,17 +20,11 @@ from schemathesis.checks import (
 from test_serve import Served, get, request
 from test_shadow import _candidate
 
-from edgepack.runtime.bundle import extract_archive
 
 # Per operation, for the fuzzing phase; the examples and coverage phases add their own (schema-sized) cases.
 FUZZ_EXAMPLES = 50
 FUZZ_CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
                response_headers_conformance]
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(built_bundle, tmp_path_factory):
-    return extract_archive(built_bundle, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

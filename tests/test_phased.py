@@ -22,7 +22,6 @@ from typer.testing import CliRunner
 from cli_checks import assert_one_line_error
 from edgepack.cli import app as cli_app
 from edgepack.rollout import PhasedReport, report
-from edgepack.runtime.bundle import extract_archive
 from edgepack.runtime.errors import InputError
 from edgepack.runtime.rollout_state import (COMPLETE, ROLLED_BACK, RUNNING, Gates, Rollout, RolloutSpec, StateLock,
                                             load, save, spec_from)
@@ -34,18 +33,8 @@ SERVE = [sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--por
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(built_bundle, tmp_path_factory) -> Path:
-    return extract_archive(built_bundle, tmp_path_factory.mktemp("primary"))
-
-
-@pytest.fixture(scope="module")
 def primary_version(bundle_dir) -> str:
     return json.loads((bundle_dir / "manifest.json").read_text())["version"]
-
-
-@pytest.fixture(scope="module")
-def rows(data_dir) -> np.ndarray:
-    return np.load(data_dir / "sample.npy")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from typer.testing import CliRunner
 
 from cli_checks import assert_one_line_error
 from edgepack.cli import app as cli_app
-from edgepack.runtime.bundle import extract_archive
 
 READY_TIMEOUT_S = 90  # a loaded 2-core host can take a while to import onnxruntime
 
@@ -96,11 +95,6 @@ def post(url: str, payload: object, **headers: str) -> tuple[int, dict]:
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     status, _, answer = request("POST", url, body, {"Content-Type": "application/json", **headers})
     return status, json.loads(answer)
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(built_bundle, tmp_path_factory) -> Path:
-    return extract_archive(built_bundle, tmp_path_factory.mktemp("served"))
 
 
 @pytest.fixture(scope="module")

@@ -27,16 +27,6 @@ from test_serve import ROW, Served, _failing_model, _reseal, _samples, get, post
 SERVE = [sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", "0"]
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(built_bundle, tmp_path_factory) -> Path:
-    return extract_archive(built_bundle, tmp_path_factory.mktemp("primary"))
-
-
-@pytest.fixture(scope="module")
-def rows(data_dir) -> np.ndarray:
-    return np.load(data_dir / "sample.npy")
-
-
 def _candidate(bundle_dir: Path, folder: Path, version: str, write_model) -> Path:
     """A copy of the primary bundle whose model.onnx ``write_model`` replaced, resealed under a new version."""
     root = shutil.copytree(bundle_dir, folder, ignore=shutil.ignore_patterns("__pycache__"))
