@@ -26,8 +26,10 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import InputError, UnsupportedHere
+from .metrics import LATENCY_BUCKETS_S
 from .models import Answer, ModelSpec, SingleRoute
 from .prediction_log import PredictionLog
+from .shadow_worker import Stats, encode_frame, read_frame
 
 DEFAULT_QUEUE = 64
 SHADOW_NICE = 10
@@ -119,7 +121,7 @@ class ShadowRoute(SingleRoute):
         self.log = log
         self.queue_size = queue_size
         self._process: subprocess.Popen | None = None
-        self._stats: Any = None  # shadow_worker.Stats, once loaded
+        self._stats: Stats | None = None  # the worker's counts, once loaded
         self._sent = 0  # pairs written (or being written) to the worker
         self._pipe = -1  # the worker's stdin, non-blocking
         self._pending = bytearray()  # frame bytes the pipe could not take yet
@@ -133,9 +135,6 @@ class ShadowRoute(SingleRoute):
 
     def load(self) -> None:
         """The candidate's process starts first: it loads while the primary does."""
-        from .metrics import LATENCY_BUCKETS_S
-        from .shadow_worker import Stats, read_frame
-
         self._stats = Stats.create(LATENCY_BUCKETS_S)
         self._process = _start_worker(self.candidate_spec.root, self._stats.fd, self.log)
         super().load()
@@ -170,8 +169,6 @@ class ShadowRoute(SingleRoute):
         return Answer(answer.version, answer.outputs, answer.run_s, {"shadow": shadow}, answer.batch)
 
     def _send(self, request_id: str, feed: dict[str, np.ndarray], answer: Answer, queued_at: float) -> None:
-        from .shadow_worker import encode_frame
-
         frame = encode_frame({"id": request_id, "model": self.name, "version": answer.version,
                               "run_ms": answer.run_s * 1000, "queued_at": queued_at},
                              {"inputs": feed, "primary": answer.outputs})
@@ -201,8 +198,6 @@ class ShadowRoute(SingleRoute):
 
     def _collect(self) -> None:
         """Copy the worker's counts into the shadow series: when /metrics is scraped, not per pair."""
-        from .shadow_worker import Stats
-
         metrics, labels, slots = self.metrics, (self.name, self.candidate_spec.version), self._stats.slots
         metrics.shadow_requests.values[labels] = slots[Stats.DONE]
         metrics.shadow_errors.values[labels] = slots[Stats.ERRORS]
