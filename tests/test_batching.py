@@ -12,7 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
+from cli_checks import assert_one_line_error
+from edgepack.cli import app as cli_app
 from edgepack.runtime.batching import BACKLOG
 from edgepack.runtime.bundle import verify_dir
 from edgepack.runtime.errors import InferenceFailed
@@ -119,6 +122,11 @@ def test_a_model_whose_rows_are_not_independent_is_not_batched(bundle_dir, tmp_p
     assert "requests ready together" not in model.where()
     answers = asyncio.run(_together(model, [(None, {"X": rows[i:i + 1]}) for i in range(4)]))
     assert [a[2] for a in answers] == [1] * 4
+
+
+def test_max_batch_below_1_is_a_one_line_error(bundle_dir):
+    done = CliRunner().invoke(cli_app, ["serve", str(bundle_dir), "--port", "0", "--max-batch", "0"])
+    assert_one_line_error(done, 3, "--max-batch 0: expected at least 1")
 
 
 def test_a_server_batches_a_burst_and_answers_each_client_its_own_rows(bundle_dir, tmp_path, rows):
