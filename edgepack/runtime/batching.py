@@ -118,8 +118,7 @@ class Batcher:
             self._waiting.append(item)
             return await item.future  # type: ignore[misc]
         if not self.backlog.waiting:  # nobody else is ready: run now, alone
-            started = time.perf_counter()
-            return self._run(names, feed), time.perf_counter() - started, 1
+            return self._timed(names, feed)
         item = _Waiting(names, feed, None)
         self._waiting.append(item)
         try:
@@ -136,12 +135,16 @@ class Batcher:
 
     def _run_round(self) -> None:
         waiting, self._waiting = self._waiting, []
-        while waiting:
-            key = waiting[0].key
-            batch = [item for item in waiting if item.key == key][:self.max_batch]
-            chosen = set(map(id, batch))
-            waiting = [item for item in waiting if id(item) not in chosen]
-            self._run_batch(batch)
+        groups: dict[tuple, list[_Waiting]] = {}
+        for item in waiting:
+            groups.setdefault(item.key, []).append(item)
+        for group in groups.values():
+            for start in range(0, len(group), self.max_batch):
+                self._run_batch(group[start:start + self.max_batch])
+
+    def _timed(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, int]:
+        started = time.perf_counter()
+        return self._run(names, feed), time.perf_counter() - started, 1
 
     def _run_batch(self, batch: list[_Waiting]) -> None:
         if len(batch) > 1:
@@ -160,10 +163,7 @@ class Batcher:
                     start = stop
                 return
         for item in batch:
-            started = time.perf_counter()
             try:
-                outputs = self._run(item.names, item.feed)
+                item.answer(self._timed(item.names, item.feed))
             except Exception as err:  # noqa: BLE001 - InferenceFailed (a 500) or a bug: this request's alone
                 item.answer(err)
-            else:
-                item.answer((outputs, time.perf_counter() - started, 1))

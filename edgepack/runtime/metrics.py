@@ -66,10 +66,6 @@ class Histogram:
         self.name, self.help, self.label_names, self.buckets = name, help_text, label_names, buckets
         self.series: dict[tuple[str, ...], list[float]] = {}  # per-bucket counts (last: above all), then sum
 
-    def start(self, *labels: str) -> None:
-        """A series with no observations yet (shown at 0)."""
-        self.series.setdefault(labels, [0] * (len(self.buckets) + 2))
-
     def observe(self, value: float, *labels: str) -> None:
         series = self.series.get(labels)
         if series is None:

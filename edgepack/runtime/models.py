@@ -145,8 +145,7 @@ class ServedModel:
         if self.inline(feed):
             if self._batcher is not None:
                 return await self._batcher.infer(names, feed)
-            started = time.perf_counter()
-            return self.run(names, feed), time.perf_counter() - started, 1
+            return self._timed_run(names, feed)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._timed_run, names, feed)
 
     def _timed_run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, int]:
