@@ -16,8 +16,9 @@ from edgepack.spec import BuildSpec
 
 FEATURES = 6
 
-# podman_env, python_base_layout and local_registry: the container test environment (tests/containers.py).
-pytest_plugins = ["containers"]
+# podman_env and python_base_layout (tests/containers.py), local_registry (tests/local_registry.py):
+# the container test environment.
+pytest_plugins = ["containers", "local_registry"]
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from containers import (
     podman_run_detached,
     skopeo,
 )
+from local_registry import run_local_registry
 from python_base import BASE_IMAGE
 
 
@@ -159,7 +160,7 @@ def test_skopeo_inspects_the_base_layout(python_base_layout):
 
 
 def test_registry_answers_and_stops(tmp_path):
-    with containers.run_local_registry(tmp_path / "registry") as address:
+    with run_local_registry(tmp_path / "registry") as address:
         status, body = http_get(f"http://{address}/v2/")
         assert status == 200 and json.loads(body) == {}
     with pytest.raises(OSError):
