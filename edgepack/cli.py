@@ -133,9 +133,10 @@ def build(
     model: Optional[Path] = typer.Argument(None, show_default=False, help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, or .onnx."),
     weights: Optional[Path] = typer.Option(None, help="State dict for a PyTorch model given as module.py:factory."),
     target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
-    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv with header): fix the signature, drive parity and benchmarks."),
-    input_shape: Optional[str] = typer.Option(None, help="One sample's shape without the batch axis when there is no sample file, e.g. 64 or 1,8,8 (parity then runs on random rows)."),
-    input_dtype: str = typer.Option("float32", help="Input dtype with --input-shape."),
+    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Model inputs: .npz keyed by input name (arrays as the model takes them, or several feeds stacked on a leading axis), .npy for a one-input model, or .csv with a header. They fix the signature and drive parity, calibration and benchmarks."),
+    input_shape: List[str] = typer.Option([], "--input-shape", help="Generate inputs instead of --sample: NAME=1x3x224x224 (an input's whole shape, batch included; repeatable), or 64 / 1,8,8 (one row of a one-input model, without the batch axis)."),
+    input_range: List[str] = typer.Option([], "--input-range", help="Range of generated inputs: NAME=LOW:HIGH, or LOW:HIGH for every input (integers inclusive; default: normal floats, integers 0..1)."),
+    input_dtype: str = typer.Option("float32", help="Dtype of generated inputs the model file does not type (a TorchScript model)."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the bundle and its benchmark report."),
     name: Optional[str] = typer.Option(None, help="Bundle name (default: the model file's name)."),
     quantize: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | int8-static | fp16 | auto (every variant; keep the fastest accurate one)."),
@@ -148,9 +149,16 @@ def build(
     trust: List[str] = typer.Option([], "--trust", help="A type skops should load though it is not trusted by default (repeatable)."),
     atol: float = typer.Option(1e-4, help="Parity: absolute tolerance of ONNX against the original."),
     rtol: float = typer.Option(1e-3, help="Parity: relative tolerance of ONNX against the original."),
-    min_agreement: float = typer.Option(0.99, help="Without validation labels: least share of labels that must agree with fp32."),
+    min_agreement: float = typer.Option(0.99, help="Gate: least share of labels, argmax positions or mask pixels agreeing with fp32, and least mean cosine of embeddings."),
+    max_channel_error: float = typer.Option(0.15, help="Gate for scores, boxes, regression, state and unknown outputs: largest RMSE of any channel over that channel's spread in fp32."),
+    output_kind: List[str] = typer.Option([], "--output-kind", help="What an output is, NAME=KIND (repeatable): label, probabilities, logits, scores, boxes, embedding, regression, sequence, mask, state or unknown; it picks the gate."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Score variants on --validation with your task metric: module.py:function(outputs, targets) -> float, higher is better (mAP, 1-WER...)."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Ship this variant (it must pass the gate), without timing the others."),
+    locked: bool = typer.Option(False, "--locked", help="Reuse the variant recorded in the lock file, without timing: the same inputs give a byte-identical bundle (for CI)."),
+    lock: Optional[Path] = typer.Option(Path("edgepack.lock"), "--lock", help="Where the variant decision is recorded, and read with --locked."),
+    no_lock: bool = typer.Option(False, "--no-lock", help="Record the decision nowhere."),
     batch: int = typer.Option(1, help="Batch size for benchmarks."),
-    bench_time: float = typer.Option(0.5, help="Timed seconds per variant, split over 5 alternating rounds."),
+    bench_time: float = typer.Option(0.5, help="Timed seconds per variant in the first 6 alternating rounds (more rounds follow while a variant's speed is inconclusive)."),
     max_p99_ms: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's p99 is above this."),
     max_size_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the bundle is larger than this."),
     max_memory_mb: Optional[float] = typer.Option(None, help="Fail (exit 6) when the chosen variant's peak memory is above this."),
@@ -174,6 +182,10 @@ def build(
     options = _with_project_file(ctx, config, "build")
     if options["model"] is None:
         raise typer.BadParameter("missing MODEL: pass a model file, or set model under [build] in edgepack.toml")
+    if options.get("no_lock"):
+        if options.get("locked"):
+            raise typer.BadParameter("--locked reads the lock file and --no-lock says there is none")
+        options["lock"] = None
     spec = BuildSpec.from_options(options)
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = run_build(spec, reporter, debug=_debug["on"])
@@ -190,8 +202,9 @@ def build(
 @error_boundary
 def quantize(
     model: Path = typer.Argument(..., help="An ONNX model file."),
-    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Input rows (.npy or .csv): drive the checks and timings."),
-    input_shape: Optional[str] = typer.Option(None, help="One sample's shape without the batch axis when there is no sample file."),
+    sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Model inputs: .npz keyed by input name, .npy for one input, or .csv."),
+    input_shape: List[str] = typer.Option([], "--input-shape", help="Generate inputs: NAME=1x3x224x224 (batch included; repeatable)."),
+    input_range: List[str] = typer.Option([], "--input-range", help="Range of generated inputs: NAME=LOW:HIGH."),
     target: str = typer.Option("edge", "--target", "-t", help="Profile to time the variants on (see `edgepack profiles`)."),
     out: Path = typer.Option(Path("dist"), "--out", "-o", help="Folder for the chosen model and its comparison table."),
     mode: str = typer.Option("auto", "--quantize", "-q", help="none | int8-dynamic | int8-static | fp16 | auto."),
@@ -200,8 +213,12 @@ def quantize(
     validation: Optional[Path] = typer.Option(None, help="Labelled rows: .npz with X and y, or .csv with a label column."),
     label_column: Optional[str] = typer.Option(None, help="Label column of a CSV validation file (default: the last)."),
     max_accuracy_drop: float = typer.Option(1.0, help="Accuracy points (classifiers) or % RMSE (regressors) a variant may lose."),
-    min_agreement: float = typer.Option(0.99, help="Without labels: least share of labels that must agree with fp32."),
-    bench_time: float = typer.Option(0.5, help="Timed seconds per variant, split over 5 alternating rounds."),
+    min_agreement: float = typer.Option(0.99, help="Gate: least share agreeing with fp32 (labels, argmax, masks; mean cosine)."),
+    max_channel_error: float = typer.Option(0.15, help="Gate: largest per-channel RMSE over the channel's spread."),
+    output_kind: List[str] = typer.Option([], "--output-kind", help="NAME=KIND (repeatable): picks the output's gate."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="module.py:function(outputs, targets) -> float, on --validation."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="Write this variant (it must pass the gate), untimed."),
+    bench_time: float = typer.Option(0.5, help="Timed seconds per variant in the first 6 alternating rounds."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
 ) -> None:
@@ -210,10 +227,12 @@ def quantize(
     from edgepack.render import ProgressReporter, render_variants
     from edgepack.spec import BuildSpec
 
-    spec = BuildSpec(model=model, target=target, sample=sample, input_shape=input_shape, out=out,
-                     quantize=mode, calibration=calibration, calibration_method=calibration_method,  # type: ignore[arg-type]
-                     validation=validation, label_column=label_column, max_accuracy_drop=max_accuracy_drop,
-                     min_agreement=min_agreement, bench_time_s=bench_time)
+    spec = BuildSpec(model=model, target=target, sample=sample, input_shape=tuple(input_shape),
+                     input_range=tuple(input_range), out=out, quantize=mode, calibration=calibration,  # type: ignore[arg-type]
+                     calibration_method=calibration_method, validation=validation,  # type: ignore[arg-type]
+                     label_column=label_column, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+                     max_channel_error=max_channel_error, output_kind=tuple(output_kind), metric=metric,
+                     variant=variant, bench_time_s=bench_time)
     with ProgressReporter(_stderr(), enabled=not quiet) as reporter:
         result = quantize_only(spec, reporter)
     if json_out:

@@ -22,8 +22,10 @@ class _Strict(BaseModel):
 class TensorSpec(_Strict):
     name: str
     dtype: str
-    shape: list[int | str]
+    shape: list[int | str]  # open dimensions by name ("batch" for the rows axis)
     features: list[str] | None = None
+    kind: str | None = None  # outputs: label, probabilities, boxes... (edgepack.output_kinds); schema 2
+    kind_from: Literal["converter", "user", "rule"] | None = None  # who said so
 
 
 class Source(_Strict):
@@ -34,6 +36,7 @@ class Source(_Strict):
     estimator: str
     converter: str
     versions: dict[str, str]
+    provenance: dict[str, str] = {}  # e.g. an MLflow model's run_id and model_uuid; schema 2
 
 
 class Target(_Strict):
@@ -53,11 +56,14 @@ class VariantRecord(_Strict):
     name: str
     verdict: Literal["chosen", "dropped", "skipped"]
     reason: str
+    code: str | None = None  # the reason as a code (edgepack.select.Reason); schema 2
     sha256: str | None = None
     size_bytes: int | None = None
     metric: dict[str, Any] | None = None  # task metric on labelled validation data, next to fp32's
     excluded_nodes: list[str] = []  # nodes kept in float after the accuracy gate named them
-    accuracy: dict[str, Any] | None = None  # agreement with fp32
+    accuracy: dict[str, Any] | None = None  # the gate: each output's check against fp32
+    aliases: list[str] = []  # variants that came out byte-identical to this one; schema 2
+    note: str = ""  # what making it took (an opset upgrade); schema 2
 
 
 class FileEntry(_Strict):

@@ -11,50 +11,42 @@ import json
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
 
-import edgepack
 from edgepack.bench.profiles import Profile, all_profiles, resolve_profile
 from edgepack.budgets import check_bench, check_size
+from edgepack.build_inputs import (PARITY_CHUNK, Inputs, calibration_for, conformed, describe_inputs, evaluation_for,
+                                   fingerprint, output_kinds, read_inputs, select_options)
+from edgepack.build_manifest import BuildFacts, bench_report, build_manifest, quantization_block
 from edgepack.convert.base import LoadOptions, SourceModel, recorded_converter
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
 from edgepack.errors import ConversionError, InputError, ParityError
-from edgepack.manifest import Manifest, Source, Target, TensorSpec, VariantRecord, WheelsRecord
-from edgepack.package.bundle import assemble, file_entries, payload_with_runtime
+from edgepack.gates import join_runs
+from edgepack.lockfile import LockEntry, locked_entry, record
+from edgepack.manifest import Manifest
+from edgepack.output_kinds import ResolvedKind
+from edgepack.package.bundle import assemble, payload_with_runtime
 from edgepack.package.image import ImageBuild, ImageResult, bundle_files
 from edgepack.package.npz import npz_bytes
 from edgepack.package.wheels import WheelSet, fetch_wheels, request_for
-from edgepack.quantize import (CALIBRATION_ROWS, QuantizeConfig, Variant, canonicalize, needs_reduce_range,
-                               optimize_fp32)
-from edgepack.runtime.bench import cpu_info
+from edgepack.parity import PARITY, ParityReport, compare
+from edgepack.quantize import Variant, canonicalize, optimize_fp32
+from edgepack.reporting import Reporter, SilentReporter
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.files import write_atomic
-from edgepack.runtime.session import create_session, numpy_dtype
-from edgepack.sample_data import SampleData, ValidationData, check_rows, random_sample, read_sample, read_validation
-from edgepack.select import EvalData, Selection, SelectOptions, VariantRow, choose_variant, run_model
+from edgepack.runtime.session import create_session
+from edgepack.samples import Examples
+from edgepack.select import Locked, Selection, VariantRow, choose_variant
+from edgepack.signature import Signature, from_onnx
 from edgepack.spec import BuildSpec
-from edgepack.validate import PARITY, ParityReport, compare
 
 BENCH_ROWS = 16  # sample rows shipped in the bundle for the on-device benchmark
 # Tree ensembles in ONNX compare float32 thresholds; this share of samples may flip a split.
 TREE_FLIP_RATE = 0.01
-
-class Reporter(Protocol):
-    def start(self, stage: str, text: str) -> None: ...
-
-    def finish(self, stage: str, text: str) -> None: ...
-
-
-class SilentReporter:
-    def start(self, stage: str, text: str) -> None:
-        pass
-
-    def finish(self, stage: str, text: str) -> None:
-        pass
 
 
 @dataclass
@@ -72,6 +64,8 @@ class BuildResult:
     not_measured: dict[str, str] = field(default_factory=dict)  # profile -> why
     next_steps: list[str] = field(default_factory=list)
     image: ImageResult | None = None  # cloud profiles: the container image made from the bundle
+    lock: Path | None = None  # where the decision was recorded
+    locked: bool = False  # the decision came from the lock file
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -84,68 +78,41 @@ class BuildResult:
             "profile": self.profile.name,
             "variant": self.manifest.variant,
             "parity": self.parity.to_dict(),
+            "outputs": [{"name": o.name, "kind": o.kind, "kind_from": o.kind_from} for o in self.manifest.outputs],
             "variants": [row.to_json() for row in self.variants],
             "metric_basis": self.metric_basis,
             "bench": {self.profile.name: self.bench} if self.bench else {},
             "not_measured": self.not_measured,
+            "lock": None if self.lock is None else str(self.lock),
+            "locked": self.locked,
             "next_steps": self.next_steps,
             **({"image": self.image.to_json()} if self.image else {}),
         }
 
 
+@dataclass(frozen=True)
+class _Converted:
+    source: SourceModel
+    signature: Signature
+    inputs: Inputs
+    kinds: tuple[ResolvedKind, ...]
+    parity: ParityReport
+    fp32: Variant
+    opset: int  # fp32's, as converted
+
+
 def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False) -> BuildResult:
     """``debug`` shows the output of the tools run underneath (pip) on stderr."""
     reporter = reporter or SilentReporter()
-    profile, sample, validation = _read_inputs(spec)
+    profile = resolve_profile(spec.target)
+    _check_out(spec.out)
     wheels = _platform_wheels(spec, profile, reporter, debug)  # first: a fetch failure should not wait for the rest
     image = _prepare_image(spec, profile, reporter, debug)  # likewise a missing base, platform or Python
 
-    reporter.start("load", f"Loading {spec.model.name}")
-    converter = converter_for(spec.model)
-    if spec.weights is not None and converter.name != "pytorch":
-        raise InputError(f"--weights applies to PyTorch models given as module.py:factory, not to {converter.name}",
-                         "drop --weights")
-    source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
-    _check_inputs(source, sample, validation)
-    config = quantize_config(spec, profile, sample)
-    reporter.finish("load", f"{source.estimator} ({source.file_format}, {_dims(sample.feature_shape)})")
-
-    opset, ml_opset, ir_version = support_for(profile.onnxruntime.version)
-    opset = min(opset, onnx.defs.onnx_opset_version())
-    reporter.start("convert", f"Converting to ONNX (opset {opset})")
-    model = converter.convert(source, sample, {"": opset, "ai.onnx.ml": ml_opset})
-    source = replace(source, converter=recorded_converter(model) or source.converter)
-    clamp_ir_version(model, ir_version)
-    canonicalize(model)
-    try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as err:
-        raise ConversionError(f"the converted model is not valid ONNX: {str(err).splitlines()[0]}",
-                              "report this with the model type; run with --debug") from None
-
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         workdir = Path(tmp)
-        converted = workdir / "model.converted.onnx"
-        converted.write_bytes(model.SerializeToString())
-        fp32 = optimize_fp32(converted, workdir / "model.fp32.onnx")
-        reporter.finish("convert", f"{source.converter or converter.name} → ONNX opset {opset}, IR {model.ir_version}"
-                        + (", graph-optimized" if fp32.path != converted else ""))
-
-        reporter.start("parity", f"Checking parity on {len(sample.rows)} {sample.origin} rows")
-        assert fp32.path is not None
-        names, fp32_outputs = run_model(fp32.path, sample.rows)
-        tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol,
-                            max_flip_rate=TREE_FLIP_RATE if source.float32_thresholds else 0.0)
-        parity = compare(source.predict(sample.rows), fp32_outputs, names, source.output_kinds, tolerance)
-        if not parity.passed:
-            raise ParityError(
-                f"the ONNX model differs from the original over {parity.samples} rows "
-                f"(atol {spec.atol:g}, rtol {spec.rtol:g}): " + "; ".join(parity.failures()),
-                "if these differences are acceptable, loosen --atol/--rtol; otherwise report the model type",
-            )
-        reporter.finish("parity", "; ".join(d.describe() for d in parity.outputs))
-
-        selection, bench_sample = _choose(spec, fp32, source, profile, sample, validation, config, workdir, reporter)
+        converted = _convert(spec, profile, workdir, reporter)
+        selection, facts, entry = _select(spec, profile, converted, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
         budgets = spec.budgets.merged_with(profile)
@@ -153,10 +120,11 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
 
         reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
         model_bytes = selection.chosen_path.read_bytes()
-        files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_sample),
+        bench_feed = converted.inputs.sample.bench_feed(BENCH_ROWS)
+        files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_feed),
                                       **(wheels.files() if wheels else {})})
-        manifest = _manifest(spec, profile, source, sample, selection, model_bytes, opset, ir_version, parity,
-                             config, files, wheels)
+        quantization = entry.quantization if spec.locked and entry else quantization_block(facts)
+        manifest = build_manifest(facts, model_bytes, files, wheels, quantization)
         root, archive = assemble(files, manifest)
         check_size(len(archive), budgets)
         if image is not None:  # staged, and its size budget checked, before the bundle is written
@@ -164,9 +132,9 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
             image.assemble(bundle_files(archive), manifest.name, manifest.version,
                            f"edgepack model server: {manifest.name} ({manifest.variant}) for {profile.name}")
         try:
-            bundle = write_atomic(spec.out / f"{root}.tar.gz", archive)
-            report_path = write_atomic(spec.out / f"{root}.bench.json",
-                                       _bench_report(manifest, profile, selection, not_measured))
+            bundle = _write(spec.out / f"{root}.tar.gz", archive)
+            report_path = _write(spec.out / f"{root}.bench.json",
+                                 bench_report(manifest, profile, selection, not_measured))
             image_result = image.publish() if image is not None else None
         finally:
             if image is not None:
@@ -175,13 +143,15 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
             reporter.finish("image", f"{image_result.layout.name} ({image_result.digest[:19]}…), "
                                      f"{image_result.archive.name}")
         reporter.finish("package", f"{bundle} ({len(archive) / 1024:.0f} KiB)")
-
+    lock = None
+    if spec.lock is not None and not spec.locked and entry is not None:
+        lock = record(spec.lock, entry.model_copy(update={"quantization": manifest.quantization}))
     reporter.start("verify", "Verifying the bundle")
     verified = verify_archive(bundle)
     reporter.finish("verify", f"{len(verified.sums)} files, every checksum matches")
     return BuildResult(
         bundle=bundle, bundle_sha256=hashlib.sha256(archive).hexdigest(), bundle_bytes=len(archive),
-        report=report_path, manifest=manifest, profile=profile, parity=parity, variants=selection.rows,
+        report=report_path, manifest=manifest, profile=profile, parity=converted.parity, variants=selection.rows,
         bench=selection.chosen_bench, metric_basis=selection.metric_basis, not_measured=not_measured,
         next_steps=[
             f"edgepack verify {bundle}",
@@ -189,8 +159,128 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
             *(image_result.next_steps if image_result else
               [f"tar xzf {bundle} && cd {root} && python -m runtime.bench   # on the device"]),
         ],
-        image=image_result,
+        image=image_result, lock=lock or (spec.lock if spec.locked else None), locked=spec.locked,
     )
+
+
+def _convert(spec: BuildSpec, profile: Profile, workdir: Path, reporter: Reporter) -> _Converted:
+    """Load, convert and prove parity: the fp32 model, its signature, kinds and conformed inputs."""
+    reporter.start("load", f"Loading {spec.model.name}")
+    converter = converter_for(spec.model)
+    if spec.weights is not None and converter.name != "pytorch":
+        raise InputError(f"--weights applies to PyTorch models given as module.py:factory, not to {converter.name}",
+                         "drop --weights")
+    source = converter.load(spec.model, LoadOptions(spec.allow_pickle, spec.trust, spec.weights))
+    inputs = read_inputs(spec, source)
+    reporter.finish("load", f"{source.estimator} ({source.file_format}); {describe_inputs(inputs.sample)}")
+
+    opset, ml_opset, ir_version = support_for(profile.onnxruntime.version)
+    opset = min(opset, onnx.defs.onnx_opset_version())
+    reporter.start("convert", f"Converting to ONNX (opset {opset} at most)")
+    model = converter.convert(source, inputs.sample, {"": opset, "ai.onnx.ml": ml_opset})
+    source = replace(source, converter=recorded_converter(model) or source.converter)
+    clamp_ir_version(model, ir_version)
+    canonicalize(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise ConversionError(f"the converted model is not valid ONNX: {str(err).splitlines()[0]}",
+                              "report this with the model type; run with --debug") from None
+    converted_path = workdir / "model.converted.onnx"
+    converted_path.write_bytes(model.SerializeToString())
+    fp32 = optimize_fp32(converted_path, workdir / "model.fp32.onnx")
+    assert fp32.path is not None
+    shipped = onnx.load(fp32.path, load_external_data=False)
+    signature = from_onnx(_with_shapes(shipped))
+    shipped_opset = next((o.version for o in shipped.opset_import if o.domain in ("", "ai.onnx")), opset)
+    reporter.finish("convert", f"{source.converter or converter.name} → ONNX opset {shipped_opset}, IR "
+                               f"{shipped.ir_version}" + (", graph-optimized" if fp32.path != converted_path else ""))
+    inputs = conformed(inputs, signature)
+
+    sample = inputs.sample
+    reporter.start("parity", f"Checking parity on {sample.describe()}")
+    original, onnx_runs = _parity_runs(source, fp32.path, sample)
+    kinds = output_kinds(spec, signature, source, onnx_runs)
+    tolerance = replace(PARITY, atol=spec.atol, rtol=spec.rtol,
+                        max_flip_rate=TREE_FLIP_RATE if source.float32_thresholds else 0.0)
+    names = signature.output_names
+    parity = compare([join_runs([run[i] for run in original], sample.stacked) for i in range(len(names))],
+                     [join_runs([run[i] for run in onnx_runs], sample.stacked) for i in range(len(names))],
+                     names, [k.kind for k in kinds], tolerance, samples=sample.count)
+    if not parity.passed:
+        raise ParityError(
+            f"the ONNX model differs from the original over {parity.samples} {sample.unit}s "
+            f"(atol {spec.atol:g}, rtol {spec.rtol:g}): " + "; ".join(parity.failures()),
+            "if these differences are acceptable, loosen --atol/--rtol; otherwise report the model type",
+        )
+    reporter.finish("parity", "; ".join(d.describe() for d in parity.outputs))
+    return _Converted(source, signature, inputs, kinds, parity, fp32, shipped_opset)
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with inferred output shapes where the exporter left them out."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a nicety here: the declared shapes stand
+        return model
+
+
+def _parity_runs(source: SourceModel, fp32: Path, sample: Examples) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    session, _ = create_session(fp32, threads=1)
+    original, converted = [], []
+    for feed in sample.chunks(PARITY_CHUNK):
+        try:
+            expected = [np.asarray(value) for value in source.predict(feed)]
+        except Exception as err:  # the original can refuse generated or odd inputs in any way
+            raise InputError(f"the original {source.estimator} cannot run on {sample.describe()}: "
+                             f"{type(err).__name__}: {' '.join(str(err).split())[:500]}",
+                             "give a sample it takes (--sample), or ranges for generated inputs "
+                             "(--input-range NAME=LOW:HIGH)") from err
+        converted.append(session.run(None, feed))
+        original.append(expected)
+    if original and len(original[0]) != len(converted[0]):
+        raise ConversionError(f"the original gives {len(original[0])} outputs and the ONNX model "
+                              f"{len(converted[0])}", "report this with the model type")
+    return original, converted
+
+
+def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: Path,
+            reporter: Reporter) -> tuple[Selection, BuildFacts, LockEntry | None]:
+    """The variant stage: gated on the validation data (else the sample), timed on sample rows."""
+    signature, inputs = converted.signature, converted.inputs
+    config = calibration_for(spec, signature, inputs.sample, profile)
+    kinds = tuple(k.kind for k in converted.kinds)
+    names = signature.output_names
+    evaluation = evaluation_for(spec, inputs, names, kinds, _first_outputs(converted.fp32.path, inputs))  # type: ignore[arg-type]
+    decided_on = fingerprint(spec, converted.source, profile, config, evaluation, converted.kinds, converted.opset)
+    locked = None
+    entry: LockEntry | None = None
+    if spec.locked:
+        assert spec.lock is not None
+        entry = locked_entry(spec.lock, spec.bundle_name, profile.name, decided_on)
+        locked = Locked(entry.variant, entry.sha256, tuple(entry.excluded_nodes), entry.variants)
+        config = replace(config, reduce_range=bool(entry.quantization.get("reduce_range", config.reduce_range)))
+    budgets = spec.budgets.merged_with(profile)
+    time_chosen = not spec.locked or bool(budgets.max_p99_ms or budgets.max_memory_mb)
+    selection = choose_variant(converted.fp32, names, kinds, [o.dims for o in signature.outputs], evaluation,
+                               inputs.sample.bench_feed(BENCH_ROWS), profile, select_options(spec, time_chosen),
+                               config, workdir, reporter, locked)
+    facts = BuildFacts(spec, profile, converted.source, signature, converted.kinds, inputs.sample, converted.parity,
+                       selection, config)
+    if entry is None:
+        entry = LockEntry(name=spec.bundle_name, profile=profile.name, fingerprint=decided_on,
+                          variant=selection.chosen.name, sha256=selection.chosen.sha256 or "",
+                          excluded_nodes=list(selection.chosen.excluded_nodes), variants=selection.records,
+                          quantization={}, evidence={row.name: row.speed_text for row in selection.rows
+                                                     if row.speed_text})
+    return selection, facts, entry
+
+
+def _first_outputs(model: Path, inputs: Inputs) -> list[np.ndarray]:
+    """fp32's outputs on the first run of the evaluation data: what a task metric can read."""
+    examples = inputs.validation.examples if inputs.validation is not None else inputs.sample
+    session, _ = create_session(model, threads=1)
+    return session.run(None, next(examples.chunks(PARITY_CHUNK)))
 
 
 @dataclass
@@ -209,53 +299,44 @@ class QuantizeResult:
 
 def quantize_only(spec: BuildSpec, reporter: Reporter | None = None) -> QuantizeResult:
     """The quantize stage alone, for an ONNX file: variants, gate, timing, the chosen model written out."""
-    from edgepack.convert.onnx_file import OnnxConverter
-
     reporter = reporter or SilentReporter()
     if spec.model.suffix.lower() != ".onnx":
         raise InputError(f"{spec.model.name}: `edgepack quantize` takes an ONNX file",
                          "convert other models with `edgepack build`")
-    converter_for(spec.model)  # the same existence checks as build
-    profile, sample, validation = _read_inputs(spec)
-    source = OnnxConverter().load(spec.model, LoadOptions())
-    _check_inputs(source, sample, validation)
-    config = quantize_config(spec, profile, sample)
+    profile = resolve_profile(spec.target)
+    _check_out(spec.out)
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-") as tmp:
         workdir = Path(tmp)
-        fp32 = optimize_fp32(spec.model, workdir / "model.fp32.onnx")
-        selection, _ = _choose(spec, fp32, source, profile, sample, validation, config, workdir, reporter)
+        converted = _convert(spec, profile, workdir, reporter)
+        selection, facts, _ = _select(spec, profile, converted, workdir, reporter)
         stem = spec.bundle_name
-        model = write_atomic(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())
+        model = _write(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())
         table = {"model": str(model), "source": spec.model.name, "profile": profile.name,
                  "variant": selection.chosen.name, "metric_basis": selection.metric_basis,
-                 "reduce_range": config.reduce_range, "calibration": config.calibration_origin,
+                 "reduce_range": facts.config.reduce_range, "calibration": facts.config.calibration_origin,
                  "variants": [{**row.to_json(), "bench": row.bench} for row in selection.rows]}
-        report = write_atomic(spec.out / f"{stem}.quantize.json",
-                              (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())
+        report = _write(spec.out / f"{stem}.quantize.json", (json.dumps(table, indent=2, sort_keys=True) + "\n").encode())
     return QuantizeResult(model, report, profile, selection)
 
 
-def quantize_config(spec: BuildSpec, profile: Profile, sample: SampleData) -> QuantizeConfig:
-    """Calibration rows (the --calibration file, else the sample) and the CPU-dependent choices."""
-    calibration = read_sample(spec.calibration) if spec.calibration is not None else sample
-    origin = calibration.origin if spec.calibration is not None else f"{sample.origin} (the sample)"
-    rows = check_rows(calibration.rows, sample.feature_shape, f"calibration data {origin}")[:CALIBRATION_ROWS]
-    _, flags = cpu_info()
-    return QuantizeConfig(calibration=rows, calibration_origin=origin, method=spec.calibration_method,
-                          reduce_range=needs_reduce_range(profile.arch, flags))
+def _check_out(out: Path) -> None:
+    """A bad --out is said before any work, not after the whole pipeline has run."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise InputError(f"--out {out}: {probe} is a file, not a folder", "choose a folder for --out")
+    import os
+
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {probe} is not writable", "choose a writable folder for --out")
 
 
-def select_options(spec: BuildSpec) -> SelectOptions:
-    return SelectOptions(mode=spec.quantize, min_agreement=spec.min_agreement,
-                         max_accuracy_drop=spec.max_accuracy_drop, batch=spec.batch, bench_time_s=spec.bench_time_s)
-
-
-def _read_inputs(spec: BuildSpec) -> tuple[Profile, SampleData, ValidationData | None]:
-    """The target profile, the sample (or random rows of --input-shape) and labelled validation rows."""
-    profile = resolve_profile(spec.target)
-    sample = read_sample(spec.sample) if spec.sample else random_sample(spec.input_shape or "", spec.input_dtype)
-    validation = read_validation(spec.validation, spec.label_column) if spec.validation else None
-    return profile, sample, validation
+def _write(path: Path, data: bytes) -> Path:
+    try:
+        return write_atomic(path, data)
+    except OSError as err:
+        raise InputError(f"cannot write {path} ({err.strerror})", "check --out: free space and permissions") from None
 
 
 def _platform_wheels(spec: BuildSpec, profile: Profile, reporter: Reporter, debug: bool) -> WheelSet | None:
@@ -289,97 +370,3 @@ def _prepare_image(spec: BuildSpec, profile: Profile, reporter: Reporter, debug:
     image.prepare()
     return image
 
-
-def _check_inputs(source: SourceModel, sample: SampleData, validation: ValidationData | None) -> None:
-    if source.input_shape is not None and source.input_shape != sample.feature_shape:
-        raise InputError(
-            f"the sample's rows have {_dims(sample.feature_shape)} but {source.estimator} expects "
-            f"{_dims(source.input_shape)}",
-            "pass sample rows shaped like the data the model was trained on",
-        )
-    if validation is not None:
-        check_rows(validation.rows, sample.feature_shape, f"validation data {validation.origin}")
-
-
-def _choose(spec: BuildSpec, fp32: Variant, source: SourceModel, profile: Profile, sample: SampleData,
-            validation: ValidationData | None, config: QuantizeConfig, workdir: Path,
-            reporter: Reporter) -> tuple[Selection, dict[str, np.ndarray]]:
-    """The variant stage: evaluated on the validation rows (else the sample), timed on sample rows."""
-    assert fp32.path is not None
-    evaluation = (EvalData(validation.rows, validation.labels, validation.origin) if validation
-                  else EvalData(sample.rows, None, sample.origin))
-    bench_sample = {name: sample.rows[:BENCH_ROWS] for name in _input_names(fp32.path)}
-    selection = choose_variant(fp32, source.output_kinds, evaluation, bench_sample, profile,
-                               select_options(spec), config, workdir, reporter)
-    return selection, bench_sample
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return f"{shape[0]} features" if len(shape) == 1 else "shape " + "x".join(map(str, shape))
-
-
-def _input_names(model: Path) -> list[str]:
-    return [i.name for i in onnx.load(model, load_external_data=False).graph.input]
-
-
-def _manifest(spec: BuildSpec, profile: Profile, source: SourceModel, sample: SampleData, selection: Selection,
-              model_bytes: bytes, opset: int, ir_version: int, parity: ParityReport, config: QuantizeConfig,
-              files: dict[str, bytes], wheels: WheelSet | None) -> Manifest:
-    session, _ = create_session(selection.chosen_path, threads=1)
-    digests = {v.name: hashlib.sha256(v.path.read_bytes()).hexdigest() for v in selection.variants if v.path}
-    cpu_model, cpu_flags = cpu_info()
-    return Manifest(
-        name=spec.bundle_name,
-        version=hashlib.sha256(model_bytes).hexdigest()[:12],
-        created_by={"edgepack": edgepack.__version__},
-        target=Target(
-            profile=profile.name, kind=profile.kind, arch=profile.arch, cpus=profile.cpus,
-            memory_mb=profile.memory_mb, threads=profile.onnxruntime.threads,
-            providers=list(profile.onnxruntime.providers), onnxruntime=profile.onnxruntime.version,
-            opset=opset, ir_version=ir_version,
-        ),
-        source=Source(framework=source.framework, format=source.file_format, file=source.path.name,
-                      sha256=source.sha256, estimator=source.estimator, converter=source.converter,
-                      versions={**source.versions, "onnx": onnx.__version__}),
-        inputs=[TensorSpec(name=i.name, dtype=_dtype(i.type), shape=_shape(i.shape),
-                           features=list(sample.feature_names) or None) for i in session.get_inputs()],
-        outputs=[TensorSpec(name=o.name, dtype=_dtype(o.type), shape=_shape(o.shape))
-                 for o in session.get_outputs()],
-        variant=selection.chosen.name,
-        # Speed figures vary run to run; the manifest keeps verdicts, the bench report keeps timings.
-        variants=[VariantRecord(name=r.name, verdict=r.verdict, reason=r.reason, sha256=digests.get(r.name),
-                                size_bytes=r.size_bytes, metric=r.metric.__dict__ if r.metric else None,
-                                excluded_nodes=list(r.excluded_nodes),
-                                accuracy=r.agreement.to_dict() if r.agreement else None)
-                  for r in selection.rows],
-        quantization={
-            "mode": spec.quantize, "metric_basis": selection.metric_basis,
-            "reduce_range": config.reduce_range, "cpu_model": cpu_model, "cpu_flags": cpu_flags,
-            "calibration": {"data": config.calibration_origin, "method": config.method,
-                            "rows": 0 if config.calibration is None else len(config.calibration)},
-        },
-        parity={**parity.to_dict(), "reference": source.framework, "data": sample.origin},
-        files=file_entries(files),
-        wheels=None if wheels is None else WheelsRecord(
-            arch=wheels.request.arch, python=wheels.request.python, platforms=list(wheels.request.platforms),
-            versions=wheels.versions(), files=sorted(wheels.files())),
-    )
-
-
-def _dtype(onnx_type: str) -> str:
-    dtype = numpy_dtype(onnx_type)
-    return "string" if dtype is np.str_ else np.dtype(dtype).name
-
-
-def _shape(dims: list[Any]) -> list[int | str]:
-    return [d if isinstance(d, int) else "batch" if i == 0 else str(d) for i, d in enumerate(dims)]
-
-
-def _bench_report(manifest: Manifest, profile: Profile, selection: Selection, not_measured: dict[str, str]) -> bytes:
-    report = {
-        "model": manifest.name, "version": manifest.version, "profile": profile.name,
-        "variant": manifest.variant, "chosen_bench": selection.chosen_bench,
-        "variants": [{**row.to_json(), "bench": row.bench} for row in selection.rows],
-        "not_measured": not_measured,
-    }
-    return (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()

@@ -38,7 +38,8 @@ class BuildSection(_Section):
     weights: Path | None = None
     target: str | None = None
     sample: Path | None = None
-    input_shape: str | None = None
+    input_shape: list[str] | str | None = None
+    input_range: list[str] | str | None = None
     input_dtype: str | None = None
     out: Path | None = None
     name: str | None = None
@@ -53,6 +54,11 @@ class BuildSection(_Section):
     atol: float | None = Field(None, ge=0)
     rtol: float | None = Field(None, ge=0)
     min_agreement: float | None = Field(None, ge=0, le=1)
+    max_channel_error: float | None = Field(None, ge=0)
+    output_kind: list[str] | None = None
+    metric: str | None = None
+    variant: str | None = None
+    lock: Path | None = None
     batch: int | None = Field(None, ge=1)
     bench_time: float | None = Field(None, gt=0)
     arch: str | None = None

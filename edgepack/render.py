@@ -14,40 +14,57 @@ from edgepack.bench.profiles import Profile
 
 
 class ProgressReporter:
-    """Shows the running stage with a spinner and leaves a ✓ line per finished stage."""
+    """Shows the running stage with a spinner and leaves a ✓ line per finished stage.
+
+    Without a terminal (CI logs, a pipe) there is no spinner to update, so each step of a long
+    stage (a variant made, a timing round) is a line of its own: a log never sits silent for a minute.
+    """
 
     def __init__(self, console: Console, enabled: bool = True) -> None:
         self.console = console
         self.enabled = enabled
+        self.live = enabled and console.is_terminal
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  console=console, transient=True)
         self.task: Any = None
         self.started: dict[str, float] = {}
 
     def __enter__(self) -> "ProgressReporter":
-        if self.enabled:
+        if self.live:
             self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.live:
             self.progress.stop()
 
     def start(self, stage: str, text: str) -> None:
         self.started.setdefault(stage, time.perf_counter())
-        if self.enabled:
+        if self.live:
             if self.task is not None:
                 self.progress.remove_task(self.task)
             self.task = self.progress.add_task(escape(text))
+        elif self.enabled:
+            self.console.print(f"… {stage:<8} {escape(text)}", soft_wrap=True, highlight=False)
+
+    def step(self, stage: str, text: str) -> None:
+        if self.live and self.task is not None:
+            self.progress.update(self.task, description=escape(f"{stage}: {text}"))
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.started.get(stage, time.perf_counter())
+            self.console.print(f"  {stage:<8} {escape(text)} [dim]({elapsed:.1f} s)[/]", soft_wrap=True,
+                               highlight=False)
 
     def finish(self, stage: str, text: str) -> None:
-        if self.enabled:
-            if self.task is not None:
-                self.progress.remove_task(self.task)
-                self.task = None
-            elapsed = time.perf_counter() - self.started.pop(stage, time.perf_counter())
-            self.progress.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {escape(text)} [dim]({elapsed:.1f} s)[/]",
-                                        soft_wrap=True)
+        if not self.enabled:
+            self.started.pop(stage, None)
+            return
+        if self.live and self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        elapsed = time.perf_counter() - self.started.pop(stage, time.perf_counter())
+        self.console.print(f"[green]✓[/] [bold]{stage:<8}[/] {escape(text)} [dim]({elapsed:.1f} s)[/]",
+                           soft_wrap=True, highlight=False)
 
 
 def _ms(value: float | None) -> str:
@@ -111,15 +128,30 @@ def render_image(console: Console, image: Any) -> None:
 
 
 def render_variants(console: Console, rows: list[Any], profile: str, metric_basis: str) -> None:
-    table = Table(title=f"Variants on {profile} (accuracy: {escape(metric_basis)})", title_justify="left")
-    for column in ("variant", "size KiB", "accuracy", "p50 ms", "p99 ms", "verdict", "why"):
-        table.add_column(column, justify="right" if column in ("size KiB", "p50 ms", "p99 ms") else "left")
-    for row in rows:
+    """One row per distinct variant. The name never folds (the column is as wide as the longest);
+    the accuracy and the reason fold within the rest, so the table reads at 80 columns."""
+    console.print(f"Variants on {escape(profile)}; gated on {escape(metric_basis)}", soft_wrap=True, highlight=False)
+    table = Table(title_justify="left", expand=False, pad_edge=False)
+    names = ["\n= ".join((row.name, *row.aliases)) for row in rows]  # a twin on a line of its own
+    table.add_column("variant", no_wrap=True, min_width=max((len(line) for n in names for line in n.split("\n")),
+                                                            default=7))
+    table.add_column("KiB", justify="right", no_wrap=True)
+    table.add_column("p50 ms", justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("accuracy; why", overflow="fold", ratio=1)
+    chosen = next((row.name for row in rows if row.verdict.value == "chosen"), "")
+    for row, name in zip(rows, names):
         bench = row.bench or {}
-        style = "bold green" if row.verdict == "chosen" else "dim" if row.verdict == "skipped" else ""
-        why = f"{row.reason} ({row.speed})" if row.speed else row.reason
-        table.add_row(row.name, f"{row.size_bytes / 1024:.0f}" if row.size_bytes else "-", escape(row.accuracy),
-                      _ms(bench.get("p50_ms")), _ms(bench.get("p99_ms")), row.verdict, escape(why), style=style)
+        style = "bold green" if row.verdict.value == "chosen" else "dim" if row.verdict.value == "skipped" else ""
+        why = row.reason
+        if row.speed_text:  # the measured figure says more here than the manifest's stable words
+            why = row.speed_text + (f"; {chosen} chosen" if row.verdict.value != "chosen" and
+                                    row.speed.value == "faster" else "")
+        if row.variant.note:
+            why += f"; {row.variant.note}"
+        accuracy = "" if row.accuracy in ("-", "reference") else row.accuracy + "; "
+        table.add_row(name, f"{row.size_bytes / 1024:,.0f}" if row.size_bytes else "-", _sig(bench.get("p50_ms")),
+                      row.verdict.value, escape(accuracy + why), style=style)
     console.print(table)
 
 

@@ -11,7 +11,8 @@ from edgepack.budgets import Budgets
 from edgepack.convert.base import model_file
 from edgepack.errors import InputError
 from edgepack.package.wheels import ARCHES, PYTHON_VERSION
-from edgepack.quantize import VARIANTS_FOR_MODE, CalibrationMethod, QuantizeMode
+from edgepack.gates import GateSettings
+from edgepack.quantize import VARIANTS, VARIANTS_FOR_MODE, CalibrationMethod, QuantizeMode
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -21,8 +22,9 @@ class BuildSpec:
     model: Path
     target: str = "edge"
     sample: Path | None = None
-    input_shape: str | None = None
-    input_dtype: str = "float32"
+    input_shape: tuple[str, ...] = ()  # "64" (one row of a one-input model) or "NAME=1x3x224x224"
+    input_range: tuple[str, ...] = ()  # "NAME=LOW:HIGH" or "LOW:HIGH" for generated inputs
+    input_dtype: str = "float32"  # generated inputs whose dtype the model file does not record
     out: Path = Path("dist")
     name: str | None = None
     quantize: QuantizeMode = "auto"
@@ -37,6 +39,12 @@ class BuildSpec:
     atol: float = 1e-4
     rtol: float = 1e-3
     min_agreement: float = 0.99
+    max_channel_error: float = GateSettings.max_channel_error
+    output_kind: tuple[str, ...] = ()  # "NAME=KIND"
+    metric: str | None = None  # "module.py:function" scoring variants on --validation
+    variant: str | None = None  # pin the variant that ships
+    locked: bool = False  # reuse the decision in `lock` without timing
+    lock: Path | None = None  # where the decision is recorded (None: nowhere)
     batch: int = 1
     bench_time_s: float = 0.5
     max_p99_ms: float | None = None
@@ -52,9 +60,6 @@ class BuildSpec:
     builder: str = "native"
 
     def __post_init__(self) -> None:
-        if self.sample is None and self.input_shape is None:
-            raise InputError("no input signature: neither --sample nor --input-shape was given",
-                             "pass --sample rows.npy (best: parity runs on real data) or --input-shape 64")
         if self.quantize not in VARIANTS_FOR_MODE:
             raise InputError(f"--quantize {self.quantize!r} is not a mode",
                              f"choose one of {', '.join(VARIANTS_FOR_MODE)}")
@@ -68,6 +73,20 @@ class BuildSpec:
             raise InputError(f"--max-accuracy-drop must be >= 0, got {self.max_accuracy_drop}", "e.g. 1")
         if not 0 <= self.min_agreement <= 1:
             raise InputError(f"--min-agreement must be within 0..1, got {self.min_agreement}", "e.g. 0.99")
+        if not self.max_channel_error >= 0:
+            raise InputError(f"--max-channel-error must be >= 0, got {self.max_channel_error}", "e.g. 0.15")
+        if self.input_dtype not in ("float32", "float64", "float16", "int64", "int32", "uint8", "bool"):
+            raise InputError(f"--input-dtype {self.input_dtype!r} is not supported",
+                             "use float32, float64, float16, int64, int32, uint8 or bool")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise InputError(f"--variant {self.variant!r} is not a variant", f"choose one of {', '.join(VARIANTS)}")
+        if self.locked and self.variant is not None:
+            raise InputError("--locked reuses the recorded variant and --variant pins one", "give one of them")
+        if self.locked and self.lock is None:
+            raise InputError("--locked needs a lock file", "pass --lock edgepack.lock")
+        if self.metric is not None and self.validation is None:
+            raise InputError("--metric scores variants on --validation data, and none is given",
+                             "add --validation data.npz (inputs plus whatever the metric reads)")
         if self.batch < 1 or self.bench_time_s <= 0:
             raise InputError("--batch and --bench-time must be positive", "e.g. --batch 1 --bench-time 1")
         if self.arch is not None and self.arch not in ARCHES:
@@ -94,8 +113,9 @@ class BuildSpec:
         values = {key: value for key, value in options.items() if key in names}
         if options.get("model") is None:
             raise InputError("no model given", "pass MODEL, or set model under [build] in edgepack.toml")
-        values["trust"] = tuple(options.get("trust") or ())
-        values["base_image"] = tuple(options.get("base_image") or ())
+        for key in ("trust", "base_image", "input_shape", "input_range", "output_kind"):
+            given = options.get(key) or ()
+            values[key] = (given,) if isinstance(given, str) else tuple(given)
         if "bench_time" in options:
             values["bench_time_s"] = options["bench_time"]
         return cls(**values)

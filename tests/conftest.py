@@ -21,6 +21,13 @@ FEATURES = 6
 pytest_plugins = ["containers", "local_registry"]
 
 
+@pytest.fixture(autouse=True)
+def _own_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder: what a command writes beside it by default (edgepack.lock,
+    dist/) never lands in the repository or reaches another test."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")

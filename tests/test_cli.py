@@ -81,7 +81,7 @@ def _bad_inputs(data_dir: Path, tmp: Path, built_bundle: Path):
         (["build", str(tmp / "corrupt.skops"), "-s", sample], 3, "not a readable skops file"),
         (["build", str(tmp / "model.pkl"), "-s", sample], 3, "--allow-pickle"),
         (["build", str(tmp / "lp.skops"), "-s", sample], 4, "cannot convert LabelPropagation"),
-        (["build", model, "-s", str(tmp / "narrow.npy")], 3, "rows have 2 features but MLPClassifier expects 6"),
+        (["build", model, "-s", str(tmp / "narrow.npy")], 3, "input 'X' takes [?, 6], given [300, 2]"),
         (["build", model, "-s", sample, "--atol", "0", "--rtol", "0"], 5, "differs from the original"),
         (["build", model, "-s", sample, "--max-p99-ms", "0.0000001"], 6, "exceeds the budget"),
         (["build", model, "-s", sample, "--quantize", "int4"], 3, "is not a mode"),

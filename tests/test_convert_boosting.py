@@ -25,9 +25,9 @@ from edgepack.convert.registry import converter_for  # noqa: E402
 from edgepack.errors import ConversionError, InputError, UnsupportedHere  # noqa: E402
 from edgepack.pipeline import build  # noqa: E402
 from edgepack.runtime.session import create_session  # noqa: E402
-from edgepack.sample_data import read_sample  # noqa: E402
+from edgepack.samples import read_sample  # noqa: E402
 from edgepack.spec import BuildSpec  # noqa: E402
-from edgepack.validate import PARITY, compare  # noqa: E402
+from edgepack.parity import PARITY, compare  # noqa: E402
 
 FEATURES = 6
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -91,10 +91,10 @@ def _flips(reference: list[np.ndarray], got: list[np.ndarray], kinds: tuple[str,
 
 
 @pytest.mark.parametrize("model, framework, file_format, kinds, output_shapes", [
-    ("lgbm_classifier.txt", "LightGBM", "lightgbm-text", ["label", "values"], [["batch"], ["batch", 2]]),
-    ("lgbm_regressor.txt", "LightGBM", "lightgbm-text", ["values"], [["batch", 1]]),
-    ("xgb_classifier.json", "XGBoost", "xgboost-json", ["label", "values"], [["batch"], ["batch", 3]]),
-    ("xgb_regressor.ubj", "XGBoost", "xgboost-ubjson", ["values"], [["batch", 1]]),
+    ("lgbm_classifier.txt", "LightGBM", "lightgbm-text", ["label", "probabilities"], [["batch"], ["batch", 2]]),
+    ("lgbm_regressor.txt", "LightGBM", "lightgbm-text", ["regression"], [["batch", 1]]),
+    ("xgb_classifier.json", "XGBoost", "xgboost-json", ["label", "probabilities"], [["batch"], ["batch", 3]]),
+    ("xgb_regressor.ubj", "XGBoost", "xgboost-ubjson", ["regression"], [["batch", 1]]),
 ])
 def test_build_each_booster_kind(boost_dir, tmp_path, model, framework, file_format, kinds, output_shapes):
     result = build(_spec(boost_dir, model, tmp_path / "dist"))
@@ -116,7 +116,7 @@ def test_build_each_booster_kind(boost_dir, tmp_path, model, framework, file_for
     loaded = BoostingConverter().load(boost_dir / model, LoadOptions())
     rows = _table(7, 500)
     session, _ = create_session(onnx_path)
-    flipped = _flips(loaded.predict(rows), session.run(None, {"X": rows}), loaded.output_kinds)
+    flipped = _flips(loaded.predict({"X": rows}), session.run(None, {"X": rows}), loaded.output_kinds)
     assert flipped.mean() <= 0.01
 
 
@@ -129,12 +129,12 @@ def test_same_booster_gives_the_same_bundle(boost_dir, tmp_path):
 def test_source_model_contract(boost_dir):
     source = BoostingConverter().load(boost_dir / "xgb_classifier.json", LoadOptions())
     assert source.float32_thresholds and source.converter == "onnxmltools"
-    assert source.input_shape == (FEATURES,) and source.output_kinds == ("label", "values")
+    assert source.inputs[0].dims == ("?", FEATURES) and source.output_kinds == ("label", "probabilities")
     assert set(source.versions) == {"xgboost", "onnxmltools"}
-    labels, probabilities = source.predict(_table(3, 4))
+    labels, probabilities = source.predict({"X": _table(3, 4)})
     assert labels.shape == (4,) and probabilities.shape == (4, 3)
     binary = BoostingConverter().load(boost_dir / "lgbm_classifier.txt", LoadOptions())
-    labels, probabilities = binary.predict(_table(3, 4))  # (N, 2) like the ONNX model, not LightGBM's (N,)
+    labels, probabilities = binary.predict({"X": _table(3, 4)})  # (N, 2) like the ONNX model, not LightGBM's (N,)
     assert probabilities.shape == (4, 2) and np.array_equal(labels, probabilities.argmax(axis=1))
     assert binary.estimator == "LightGBM Booster (objective binary, 20 trees)"
 
@@ -158,14 +158,14 @@ def test_supported_objectives_convert_faithfully(tmp_path, framework, objective)
         path = tmp_path / "model.json"
         xgb.train({"objective": objective, "max_depth": 3, "nthread": 1}, xgb.DMatrix(train, target),
                   num_boost_round=10).save_model(path)
-    sample = read_sample(_save(tmp_path / "sample.npy", _table(5, 200)))
     converter = converter_for(path)
     source = converter.load(path, LoadOptions())
+    sample = read_sample(_save(tmp_path / "sample.npy", _table(5, 200)), source.inputs)
     model = converter.convert(source, sample, {"": 21, "ai.onnx.ml": 4})
     (tmp_path / "model.onnx").write_bytes(model.SerializeToString())
     session, _ = create_session(tmp_path / "model.onnx")
     names = [o.name for o in session.get_outputs()]
-    report = compare(source.predict(sample.rows), session.run(None, {"X": sample.rows}), names,
+    report = compare(source.predict(sample.arrays), session.run(None, sample.arrays), names,
                      source.output_kinds, PARITY)
     assert report.passed, report.failures()
 
@@ -183,7 +183,7 @@ def test_example_builds_and_keeps_its_accuracy(tmp_path):
     # A tree model has nothing for int8 to quantize, and says so plainly.
     for row in result.variants:
         if row.name.startswith("int8"):
-            assert row.verdict == "skipped" and row.reason == "no quantizable operators (MatMul, Gemm, Conv) in the model"
+            assert row.verdict == "skipped" and row.reason == "not applicable: no quantizable operators (MatMul, Gemm, Conv) in the model"
     chosen = next(r for r in result.variants if r.verdict == "chosen")
     if chosen.name != "fp32":
         assert chosen.bench["p50_ms"] < result.variants[0].bench["p50_ms"]
@@ -251,7 +251,7 @@ BAD_INPUTS = [
     ("logitraw.json", None, ConversionError, 4, "cannot convert XGBoost models with objective 'binary:logitraw'"),
     ("ova.txt", None, ConversionError, 4, "cannot convert LightGBM models with objective 'multiclassova'"),
     ("lgbm_classifier.txt", "narrow.npy", InputError, 3,
-     "rows have 3 features but LightGBM Booster (objective binary, 20 trees) expects 6"),
+     "sample narrow.npy: input 'X' takes [?, 6], given [200, 3]"),
 ]
 
 

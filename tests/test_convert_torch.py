@@ -25,7 +25,7 @@ from edgepack.convert.torch import DYNAMO, TORCHSCRIPT, TorchConverter, missing_
 from edgepack.errors import ExitCode, UnsupportedHere  # noqa: E402
 from edgepack.pipeline import build  # noqa: E402
 from edgepack.runtime.session import create_session  # noqa: E402
-from edgepack.sample_data import read_sample  # noqa: E402
+from edgepack.samples import read_sample  # noqa: E402
 from edgepack.spec import BuildSpec  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -142,7 +142,7 @@ def _cnn_reference(images: np.ndarray) -> np.ndarray:
 def test_example_cnn_builds_from_module_and_weights(tmp_path):
     result = build(BuildSpec(model=CNN, weights=CNN_WEIGHTS, sample=IMAGES, quantize="auto", bench_time_s=0.2,
                              out=tmp_path / "dist"))
-    assert result.parity.passed and [d.kind for d in result.parity.outputs] == ["values"]
+    assert result.parity.passed and [d.kind for d in result.parity.outputs] == ["unknown"]
     assert result.parity.outputs[0].max_abs < 1e-4
     manifest = _manifest(result.bundle)
     source = manifest["source"]
@@ -184,7 +184,7 @@ def test_torchscript_file_builds_like_the_module(tmp_path):
 def test_tiny_net_exports_at_the_target_opset(tiny, opset, exporter):
     converter = TorchConverter()
     source = converter.load(Path(f"{tiny / 'nets.py'}:make_net"), LoadOptions(weights=tiny / "net.pt"))
-    sample = read_sample(tiny / "rows.npy")
+    sample = read_sample(tiny / "rows.npy", source.inputs)
     model = converter.convert(source, sample, {"": opset, "ai.onnx.ml": 3})
     onnx.checker.check_model(model, full_check=True)
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
@@ -197,8 +197,8 @@ def test_tiny_net_exports_at_the_target_opset(tiny, opset, exporter):
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in (1, 5, 64):
-        rows = sample.rows[:batch]
-        [expected] = source.predict(rows)
+        rows = sample.arrays["input"][:batch]
+        [expected] = source.predict({"input": rows})
         np.testing.assert_allclose(session.run(None, {"input": rows})[0], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -222,20 +222,20 @@ def test_without_onnxscript_the_torchscript_exporter_is_used(tiny, monkeypatch):
     converter = TorchConverter()
     source = converter.load(Path(f"{tiny / 'nets.py'}:make_net"), LoadOptions(weights=tiny / "net.pt"))
     assert source.converter == TORCHSCRIPT and "onnxscript" not in source.versions
-    model = converter.convert(source, read_sample(tiny / "rows.npy"), {"": 20, "ai.onnx.ml": 3})
+    model = converter.convert(source, read_sample(tiny / "rows.npy", source.inputs), {"": 20, "ai.onnx.ml": 3})
     assert {p.key: p.value for p in model.metadata_props}["edgepack.converter"] == TORCHSCRIPT
 
 
 def test_dynamo_failure_falls_back_to_the_torchscript_exporter(tiny):
     converter = TorchConverter()
     source = converter.load(Path(f"{tiny / 'nets.py'}:UntraceableNet"), LoadOptions(weights=tiny / "untraceable.pt"))
-    sample = read_sample(tiny / "rows.npy")
+    sample = read_sample(tiny / "rows.npy", source.inputs)
     model = converter.convert(source, sample, {"": 20, "ai.onnx.ml": 3})
     assert {p.key: p.value for p in model.metadata_props}["edgepack.converter"] == TORCHSCRIPT
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"input": sample.rows})[0], source.predict(sample.rows)[0],
+    np.testing.assert_allclose(session.run(None, sample.arrays)[0], source.predict(sample.arrays)[0],
                                rtol=1e-5, atol=1e-5)
 
 
@@ -291,9 +291,7 @@ def _bad_cases(tiny: Path) -> list[tuple[list[str], int, str]]:
         ([f"{nets}:make_net", "--weights", str(tiny / "net_ts.pt"), "-s", rows], 3, "is a TorchScript model, not a state dict"),
         ([str(tiny / "net_ts.pt"), "--weights", str(tiny / "net.pt"), "-s", rows], 3, "--weights is for module.py:factory models"),
         ([str(tiny / "whole_model.pt"), "-s", rows], 3, "whole_model.pt is a pickled torch.save file, not TorchScript"),
-        ([str(CNN), "--weights", str(CNN_WEIGHTS), "-s", rows], 3, "DigitsCNN cannot take the sample's rows of shape 6"),
-        ([f"{nets}:PairNet", "--weights", str(tiny / "pair.pt"), "-s", rows], 4,
-         "PairNet's forward returns 2 values; edgepack converts models with one output tensor"),
+        ([str(CNN), "--weights", str(CNN_WEIGHTS), "-s", rows], 3, "DigitsCNN cannot take the sample (input [2, 6] float32)"),
         ([f"{nets}:FixedBatchNet", "--weights", str(tiny / "fixed.pt"), "-s", rows], 4,
          "the exported FixedBatchNet does not take a batch of 1"),
     ]

@@ -10,7 +10,10 @@ from edgepack.convert.base import LoadOptions
 from edgepack.convert.opsets import support_for
 from edgepack.convert.sklearn import SklearnConverter
 from edgepack.errors import InputError, UnsupportedHere
-from edgepack.sample_data import random_sample, read_sample
+from edgepack.samples import Generated, generate, read_sample
+from edgepack.signature import TensorInfo
+
+TABLE = (TensorInfo("X", "float32", ("?", 2)),)
 
 
 def test_builtin_profiles_and_aliases():
@@ -55,40 +58,41 @@ def test_opset_table():
 
 def test_csv_sample_names_features(tmp_path):
     (tmp_path / "s.csv").write_text("age,height\n1,2.5\n3,4\n")
-    sample = read_sample(tmp_path / "s.csv")
-    assert sample.feature_names == ("age", "height") and sample.rows.dtype == np.float32
-    assert sample.rows.shape == (2, 2)
+    sample = read_sample(tmp_path / "s.csv", TABLE)
+    assert sample.feature_names == ("age", "height") and sample.arrays["X"].dtype == np.float32
+    assert sample.arrays["X"].shape == (2, 2) and sample.count == 2
 
 
 @pytest.mark.parametrize("name, content, message", [
     ("s.csv", "a,b\n1,x\n", "non-numeric cell"),
     ("s.csv", "a,b\n1,2\n3\n", "different numbers of columns"),
-    ("s.txt", "1,2\n", "must be .npy or .csv"),
+    ("s.txt", "1,2\n", "must be .npz, .npy or .csv"),
     ("s.npy", b"garbage", "not a readable .npy"),
 ])
 def test_bad_sample_files(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(InputError, match=message):
-        read_sample(path)
+        read_sample(path, TABLE)
 
 
 def test_nan_and_shapes_are_refused(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[1.0, np.nan]]))
     with pytest.raises(InputError, match="NaN"):
-        read_sample(tmp_path / "nan.npy")
-    np.save(tmp_path / "cube.npy", np.zeros((0, 2, 2)))
-    with pytest.raises(InputError, match="samples along the first axis"):
-        read_sample(tmp_path / "cube.npy")
+        read_sample(tmp_path / "nan.npy", TABLE)
+    np.save(tmp_path / "empty.npy", np.zeros((0, 2)))
+    with pytest.raises(InputError, match="holds no examples"):
+        read_sample(tmp_path / "empty.npy", TABLE)
     with pytest.raises(InputError, match="no such sample file"):
-        read_sample(tmp_path / "none.npy")
+        read_sample(tmp_path / "none.npy", TABLE)
 
 
-def test_random_sample_shape():
-    assert random_sample("64", "float32").rows.shape == (256, 64)
-    assert random_sample("1,8,8", "float32").rows.shape == (256, 1, 8, 8)
-    with pytest.raises(InputError, match="not a list of integers"):
-        random_sample("a", "float32")
+def test_generated_rows_shape():
+    unknown = (TensorInfo("input"),)
+    assert generate(unknown, Generated.parse(("64",), ())).arrays["input"].shape == (256, 64)
+    assert generate(unknown, Generated.parse(("1,8,8",), ())).arrays["input"].shape == (256, 1, 8, 8)
+    with pytest.raises(InputError, match="not NAME=DIMS or DIMS"):
+        Generated.parse(("a",), ())
 
 
 def test_skops_untrusted_types_need_trust(data_dir, tmp_path):

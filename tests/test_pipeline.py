@@ -10,7 +10,8 @@ import onnx
 import pytest
 
 from edgepack.errors import BudgetExceeded, ConversionError, InputError, ParityError
-from edgepack.bench.runner import paired_ratio
+from edgepack.select import Reason
+from edgepack.speed import FASTER_MARGIN, Speed
 from edgepack.pipeline import build
 from edgepack.runtime.session import create_session
 
@@ -22,9 +23,9 @@ def _manifest(bundle):
 
 
 @pytest.mark.parametrize("model, kinds", [
-    ("classifier.skops", ["label", "values"]),
-    ("regressor.skops", ["values"]),
-    ("pipeline.skops", ["label", "values"]),
+    ("classifier.skops", ["label", "probabilities"]),
+    ("regressor.skops", ["regression"]),
+    ("pipeline.skops", ["label", "probabilities"]),
 ])
 def test_build_each_model_kind(spec_for, data_dir, model, kinds):
     result = build(spec_for(model))
@@ -35,6 +36,8 @@ def test_build_each_model_kind(spec_for, data_dir, model, kinds):
     assert manifest["parity"]["passed"] and manifest["parity"]["samples"] == 300
     assert manifest["inputs"][0]["shape"] == ["batch", 6]
     assert manifest["inputs"][0]["features"] == [f"f{i}" for i in range(6)]
+    assert [o["kind"] for o in manifest["outputs"]] == kinds and manifest["schema_version"] == 2
+    assert {o["kind_from"] for o in manifest["outputs"]} == {"converter"}
     assert manifest["source"]["sha256"] and manifest["source"]["format"] == "skops"
     assert result.bench is not None and result.bench["p50_ms"] > 0
     assert result.bench["limits"]["threads"].startswith("enforced")
@@ -67,16 +70,24 @@ def test_opset_follows_target_onnxruntime(spec_for):
         assert model.ir_version <= result.manifest.target.ir_version
 
 
-def test_int8_variant_is_checked_and_either_chosen_or_dropped_with_reason(spec_for):
+def test_int8_variant_is_gated_timed_and_judged_with_confidence(spec_for):
     result = build(spec_for("classifier.skops", quantize="int8-dynamic"))
     rows = {row.name: row for row in result.variants}
     int8 = rows["int8-dynamic"]
-    assert int8.agreement is not None
-    assert int8.agreement.outputs[0].agreement >= 0.99
+    checks = {check.output: check for check in int8.gate.checks}
+    assert checks["label"].rule == "labels" and checks["label"].value >= 0.99
+    assert checks["probabilities"].rule == "argmax"
     assert int8.bench is not None and rows["fp32"].bench is not None
-    faster = paired_ratio(int8.bench, rows["fp32"].bench) < 0.97
-    assert result.manifest.variant == ("int8-dynamic" if faster else "fp32")
-    assert int8.reason and rows["fp32"].reason
+    assert int8.interval is not None and int8.interval.low <= int8.interval.ratio <= int8.interval.high
+    assert int8.interval.rounds >= 6 and len(int8.bench["rounds_p50_ms"]) == int8.interval.rounds
+    # Chosen exactly when the whole interval clears the margin; an inconclusive test keeps fp32.
+    assert (result.manifest.variant == "int8-dynamic") == (int8.speed is Speed.FASTER)
+    assert (int8.speed is Speed.FASTER) == (int8.interval.high < 1 - FASTER_MARGIN)
+    chosen = rows[result.manifest.variant]
+    assert chosen.code in (Reason.FASTER, Reason.NO_FASTER_VARIANT)
+    # The manifest's words do not depend on timing.
+    for record in result.manifest.variants:
+        assert "x" not in record.reason.split() and "ms" not in record.reason
 
 
 def test_variant_outside_tolerance_is_dropped(data_dir, tmp_path):
@@ -86,33 +97,40 @@ def test_variant_outside_tolerance_is_dropped(data_dir, tmp_path):
 
     from edgepack.convert.base import LoadOptions
     from edgepack.convert.sklearn import SklearnConverter
+    from edgepack.gates import GateSettings, label_metric
     from edgepack.quantize import Variant
-    from edgepack.sample_data import read_sample
-    from edgepack.select import EvalData, SelectOptions, _evaluate, _reference_row, run_model
+    from edgepack.samples import read_sample
+    from edgepack.select import Evaluation, Verdict, VariantRow, _gate_row, run_model
 
-    sample = read_sample(data_dir / "sample.npy")
     source = SklearnConverter().load(data_dir / "classifier.skops", LoadOptions())
+    sample = read_sample(data_dir / "sample.npy", source.inputs)
+    rows = sample.arrays["X"]
     fp32 = tmp_path / "fp32.onnx"
     fp32.write_bytes(SklearnConverter().convert(source, sample, {"": 17, "ai.onnx.ml": 3}).SerializeToString())
-    shuffled = np.random.default_rng(1).permutation(source.native.predict(sample.rows))
-    other = LogisticRegression().fit(sample.rows, shuffled)
+    shuffled = np.random.default_rng(1).permutation(source.native.predict(rows))
+    other = LogisticRegression().fit(rows, shuffled)
     impostor = tmp_path / "impostor.onnx"
-    impostor.write_bytes(to_onnx(other, sample.rows[:1], options={"zipmap": False}, target_opset=17).SerializeToString())
-    names, outputs = run_model(fp32, sample.rows)
-    # Without labels: agreement with fp32 decides.
-    unlabelled = EvalData(sample.rows, None, "sample")
-    row = _evaluate(Variant("int8-dynamic", impostor), names, source.output_kinds, outputs, unlabelled, None,
-                    SelectOptions())
-    assert row.verdict == "dropped"
-    assert row.reason.startswith("outside tolerance of fp32: label: label agreement")
-    # With labels: the task metric against fp32's decides.
-    labelled = EvalData(sample.rows, source.native.predict(sample.rows), "labels")
-    reference = _reference_row(Variant("fp32", fp32), source.output_kinds, outputs, labelled)
-    row = _evaluate(Variant("int8-dynamic", impostor), names, source.output_kinds, outputs, labelled,
-                    reference.metric, SelectOptions(max_accuracy_drop=1.0))
-    assert reference.metric.value == 1.0
-    assert row.verdict == "dropped" and row.reason.startswith("accuracy drop beyond --max-accuracy-drop 1 points")
+    impostor.write_bytes(to_onnx(other, rows[:1], options={"zipmap": False}, target_opset=17).SerializeToString())
+    reference = run_model(fp32, sample)
+    names, kinds, dims = ["label", "probabilities"], ["label", "probabilities"], [("N",), ("N", 3)]
+    # Without labels: every output is judged against fp32 by its kind's rule.
+    row = VariantRow("int8-dynamic", Variant("int8-dynamic", impostor))
+    _gate_row(row, names, kinds, dims, reference, Evaluation(sample), None, GateSettings())
+    assert row.verdict is Verdict.DROPPED and row.code is Reason.INACCURATE
+    assert row.reason.startswith("fails the accuracy gate: label (label): label agreement")
+    assert {check.output for check in row.gate.checks if not check.passed} == {"label", "probabilities"}
+    # With labels: the task metric against fp32's decides for the outputs it reads.
+    labels = source.native.predict(rows)
+    metric = label_metric(names, kinds, labels, reference[0])
+    labelled = Evaluation(sample, labels, metric)
+    row = VariantRow("int8-dynamic", Variant("int8-dynamic", impostor))
+    fp32_accuracy = metric.score({"label": np.concatenate([run[0] for run in reference])})
+    _gate_row(row, names, kinds, dims, reference, labelled, fp32_accuracy, GateSettings(max_accuracy_drop=1.0))
+    assert fp32_accuracy == 1.0
+    assert row.verdict is Verdict.DROPPED and "accuracy" in row.reason
     assert row.metric.value < 0.9 and row.metric.change.endswith("pt")
+    assert not next(c for c in row.gate.checks if c.output == "label").gated  # the metric judges it
+    assert not next(c for c in row.gate.checks if c.output == "probabilities").passed
 
 
 def test_quantize_none_and_non_quantizable_model(spec_for):
@@ -120,7 +138,10 @@ def test_quantize_none_and_non_quantizable_model(spec_for):
     assert [r.name for r in none.variants] == ["fp32"]
     ridge = build(spec_for("regressor.skops", quantize="auto"))
     skipped = next(r for r in ridge.variants if r.name == "int8-dynamic")
-    assert skipped.verdict == "skipped" and "no quantizable operators" in skipped.reason
+    assert skipped.verdict.value == "skipped" and skipped.code is Reason.NOT_APPLICABLE
+    assert skipped.reason.startswith("not applicable: no quantizable operators")
+    fp16 = next(r for r in ridge.variants if r.name == "fp16")
+    assert fp16.code is Reason.NOT_APPLICABLE and "no float weights" in fp16.reason
 
 
 def test_parity_failure_aggregates_outputs(spec_for):
@@ -130,7 +151,7 @@ def test_parity_failure_aggregates_outputs(spec_for):
 
 
 def test_random_rows_when_only_a_shape_is_given(spec_for):
-    result = build(spec_for("regressor.skops", sample=None, input_shape="6", quantize="none"))
+    result = build(spec_for("regressor.skops", sample=None, input_shape=("6",), quantize="none"))
     assert result.manifest.parity["data"] == "random"
 
 
@@ -148,7 +169,7 @@ def test_aarch64_profile_packages_without_benchmark(spec_for):
     ({"max_p99_ms": 1e-9}, BudgetExceeded, "exceeds the budget"),
     ({"max_size_mb": 1e-6}, BudgetExceeded, "exceeds the budget"),
     ({"target": "no-such-profile"}, InputError, "unknown profile"),
-    ({"sample": None}, InputError, "no input signature"),
+    ({"sample": None, "input_shape": ("5",)}, InputError, r"input 'X' takes \[\?, 6\], given \[1, 5\]"),
 ])
 def test_bad_build_inputs(spec_for, data_dir, tmp_path, overrides, error, text):
     if "model" in overrides:
@@ -172,5 +193,5 @@ def test_unsupported_estimator_is_named(spec_for, data_dir, tmp_path):
 
 def test_wrong_sample_width(spec_for, tmp_path):
     np.save(tmp_path / "narrow.npy", np.zeros((5, 3), dtype=np.float32))
-    with pytest.raises(InputError, match="rows have 3 features but MLPClassifier expects 6"):
+    with pytest.raises(InputError, match=r"narrow.npy: input 'X' takes \[\?, 6\], given \[5, 3\] \(3 at dimension 1"):
         build(spec_for("classifier.skops", sample=tmp_path / "narrow.npy"))

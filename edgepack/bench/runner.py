@@ -12,9 +12,10 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -87,18 +88,20 @@ def paired_ratio(candidate: dict[str, Any], baseline: dict[str, Any]) -> float:
 
 
 def compare_onnx(models: dict[str, Path], sample: dict[str, np.ndarray] | None, profile: Profile,
-                 settings: BenchSettings, rounds: int = 5) -> dict[str, Any]:
-    """Time several ONNX files against each other in one child process, in alternating rounds."""
+                 settings: BenchSettings, rounds: int = 5,
+                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Time several ONNX files against each other in one child process, in alternating rounds;
+    ``progress`` is called after each round with its medians."""
     profile.require_runnable_here()
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         args = [arg for name, path in models.items() for arg in ("--compare", f"{name}={path}")]
-        args += ["--rounds", str(rounds)]
+        args += ["--rounds", str(rounds)] + (["--progress"] if progress else [])
         if sample is not None:
             inputs = Path(tmp) / "input.npz"
             np.savez(inputs, **sample)
             args += ["--input", str(inputs)]
         return _run(args, profile, replace(settings, batches=(settings.batch,), concurrency=(1,), processes=1),
-                    timeout_s=len(models) * settings.loop.max_time_s + _SLACK_S)
+                    timeout_s=len(models) * settings.loop.max_time_s + _SLACK_S, progress=progress)
 
 
 def bench_bundle_dir(root: Path, profile: Profile, settings: BenchSettings) -> dict[str, Any]:
@@ -119,14 +122,14 @@ def bench_args(profile: Profile, settings: BenchSettings) -> list[str]:
     return args + (["--memory-mb", str(profile.memory_mb)] if profile.memory_mb else [])
 
 
-def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: float | None = None) -> dict[str, Any]:
+def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: float | None = None,
+         progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     command = [sys.executable, "-m", "edgepack.runtime.bench", *args, *bench_args(profile, settings)]
     if profile.quota_cores():
         command += ["--cpu-quota", f"{profile.quota_cores():g}"]
     with isolate(CgroupLimits(cpu_quota=profile.quota_cores(), memory_mb=profile.memory_mb)) as cage:
         try:
-            done = subprocess.run(cage.wrap(command + cage.flags()), capture_output=True, text=True,
-                                  timeout=timeout_s or settings.timeout_s(), check=False)
+            done = _child(cage.wrap(command + cage.flags()), timeout_s or settings.timeout_s(), progress)
         except subprocess.TimeoutExpired:
             raise EdgepackError(f"the benchmark on {profile.name} did not finish in time",
                                 "lower --bench-time or check the model") from None
@@ -138,6 +141,43 @@ def _run(args: list[str], profile: Profile, settings: BenchSettings, timeout_s: 
     if done.returncode != 0:
         raise _child_error(done.stderr, done.returncode, profile.name)
     return label(json.loads(done.stdout), profile=profile.name, measured_on=f"this host, emulating {profile.name}")
+
+
+def _child(command: list[str], timeout_s: float,
+           progress: Callable[[dict[str, Any]], None] | None) -> subprocess.CompletedProcess[str]:
+    """Run the benchmark child; its progress lines on stderr go to ``progress`` as they come."""
+    if progress is None:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        stdout: list[str] = []
+        reader = threading.Thread(target=lambda: stdout.append(child.stdout.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        expired = threading.Event()
+
+        def expire() -> None:  # a child that hangs silently is killed all the same
+            expired.set()
+            child.kill()
+
+        watchdog = threading.Timer(timeout_s, expire)
+        watchdog.start()
+        kept = []
+        try:
+            for line in child.stderr:  # type: ignore[union-attr]
+                try:
+                    said = json.loads(line)
+                except ValueError:
+                    said = None
+                if isinstance(said, dict) and "progress" in said:
+                    progress(said["progress"])
+                else:
+                    kept.append(line)
+            code = child.wait()
+        finally:
+            watchdog.cancel()
+        reader.join()
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(command, timeout_s)
+    return subprocess.CompletedProcess(command, code, "".join(stdout), "".join(kept))
 
 
 def results(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
 import onnx
 
-if TYPE_CHECKING:
-    from edgepack.sample_data import SampleData
+from edgepack.output_kinds import OutputKind
+from edgepack.signature import TensorInfo
 
-OutputKind = Literal["label", "values"]
+if TYPE_CHECKING:
+    from edgepack.samples import Examples
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,13 @@ class SourceModel:
     path: Path
     sha256: str  # of the model file (and weights, where there are two files)
     estimator: str  # human description, e.g. "Pipeline(StandardScaler, MLPClassifier)"
-    input_shape: tuple[int, ...] | None  # one sample's shape, without the batch axis; None: unknown
-    output_kinds: tuple[OutputKind, ...]
-    # The original's answers for float32 rows (batch first), in the order of the ONNX outputs.
-    predict: Callable[[np.ndarray], list[np.ndarray]] = field(repr=False)
+    # The inputs as the format records them: names always, dtypes and dims where known (a TorchScript
+    # file knows neither; the sample fixes them).
+    inputs: tuple[TensorInfo, ...]
+    # What each ONNX output is, where the converter knows (None for an output it does not, or for all).
+    output_kinds: tuple[OutputKind | None, ...] | None
+    # The original's answers for one feed (input name -> array), in the order of the ONNX outputs.
+    predict: Callable[[dict[str, np.ndarray]], list[np.ndarray]] = field(repr=False)
     native: Any = field(repr=False)
     versions: dict[str, str] = field(default_factory=dict)
     converter: str = ""  # what made the ONNX model, e.g. "skl2onnx", "torch.onnx (dynamo)"
@@ -48,6 +52,8 @@ class SourceModel:
     # threshold and its float32 rounding lands on the other side of a split. Parity then reports
     # how many samples flipped and allows a small share instead of failing.
     float32_thresholds: bool = False
+    default_sample: Path | None = None  # examples the model file carries (an MLflow input example)
+    provenance: dict[str, str] = field(default_factory=dict)  # e.g. an MLflow run_id and model_uuid
 
 
 class Converter(Protocol):
@@ -60,8 +66,9 @@ class Converter(Protocol):
 
     def load(self, path: Path, options: LoadOptions) -> SourceModel: ...
 
-    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
-        """The ONNX model, float32 inputs with a dynamic batch axis, at the given opsets."""
+    def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
+        """The ONNX model at the given opsets, its inputs named as ``source.inputs``, with an open batch
+        axis where the model takes rows."""
         ...
 
 

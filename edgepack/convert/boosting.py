@@ -21,8 +21,10 @@ import onnx
 from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
 from edgepack.errors import ConversionError, InputError, UnsupportedHere
 from edgepack.runtime.bundle import sha256_file
-from edgepack.sample_data import SampleData
+from edgepack.samples import Examples
+from edgepack.signature import TensorInfo
 
+INPUT_NAME = "X"
 INSTALL_HINT = 'install the boosting extra: pip install -e ".[boosting]"'
 # Objectives whose ONNX form onnxmltools writes faithfully (checked against the frameworks' own answers).
 # Left out: LightGBM multiclassova (probabilities are not normalised the same way), cross_entropy, mape,
@@ -58,10 +60,11 @@ class BoostingConverter:
             return _load_lightgbm(path)
         return _load_xgboost(path)
 
-    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
-        if sample.rows.ndim != 2:
+    def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
+        rows = sample.arrays[INPUT_NAME]
+        if rows.ndim != 2 or sample.stacked:
             raise InputError(f"{source.framework} models take a table of rows; the sample has shape "
-                             f"{sample.rows.shape}", "pass a 2-D sample (rows x features)")
+                             f"{list(rows.shape)}", "pass a 2-D sample (rows x features)")
         onnxmltools = _require("onnxmltools", source.framework)
         from onnxmltools.convert.common.data_types import FloatTensorType
         from onnxmltools.convert.common.onnx_ex import get_maximum_opset_supported
@@ -69,7 +72,7 @@ class BoostingConverter:
         # onnxmltools writes up to its own newest opset (15 in 1.16); the result is raised to the
         # target's opset below, so the model declares what the target profile runs.
         opset = min(opsets[""], get_maximum_opset_supported())
-        inputs = [("X", FloatTensorType([None, sample.rows.shape[1]]))]
+        inputs = [(INPUT_NAME, FloatTensorType([None, rows.shape[1]]))]
         # A fixed graph name: onnxmltools' default is a random UUID, which would change the bundle's bytes.
         name = source.framework.lower()
         try:
@@ -144,9 +147,9 @@ def _load_lightgbm(path: Path) -> SourceModel:
         path=path,
         sha256=sha256_file(path),
         estimator=f"LightGBM Booster (objective {objective}, {booster.num_trees()} trees)",
-        input_shape=(booster.num_feature(),),
+        inputs=(TensorInfo(INPUT_NAME, "float32", ("?", int(booster.num_feature()))),),
         output_kinds=_output_kinds(kind),
-        predict=lambda rows: _lightgbm_outputs(booster, classifier, rows),
+        predict=lambda feed: _lightgbm_outputs(booster, classifier, feed[INPUT_NAME]),
         native=booster,
         versions={"lightgbm": lightgbm.__version__, "onnxmltools": onnxmltools.__version__},
         converter="onnxmltools",
@@ -241,9 +244,9 @@ def _load_xgboost(path: Path) -> SourceModel:
         path=path,
         sha256=sha256_file(path),
         estimator=f"XGBoost Booster (objective {objective}, {trees} trees)",
-        input_shape=(booster.num_features(),),
+        inputs=(TensorInfo(INPUT_NAME, "float32", ("?", int(booster.num_features()))),),
         output_kinds=_output_kinds(kind),
-        predict=lambda rows: _xgboost_outputs(model, kind, rows),
+        predict=lambda feed: _xgboost_outputs(model, kind, feed[INPUT_NAME]),
         native=model,
         versions={"xgboost": xgboost.__version__, "onnxmltools": onnxmltools.__version__},
         converter="onnxmltools",
@@ -269,7 +272,7 @@ def _require(module: str, framework: str) -> Any:
 
 
 def _output_kinds(kind: str) -> tuple[OutputKind, ...]:
-    return ("label", "values") if kind == "classifier" else ("values",)
+    return ("label", "probabilities") if kind == "classifier" else ("regression",)
 
 
 def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -297,7 +300,7 @@ def _at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
 def _declare_outputs(model: onnx.ModelProto, source: SourceModel) -> None:
     """Declare the shapes the outputs really have; onnxmltools leaves some as [1] or [N, 1]."""
     outputs = model.graph.output
-    if source.output_kinds == ("label", "values"):
+    if source.output_kinds == ("label", "probabilities"):
         shapes: list[list[int | None]] = [[None], [None, _class_count(source)]]
     else:
         shapes = [[None, 1]]

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from edgepack.convert.base import LoadOptions, SourceModel, record_converter
 from edgepack.errors import InputError, UnsupportedHere
 from edgepack.runtime.bundle import sha256_file
-from edgepack.sample_data import SampleData
+from edgepack.samples import Examples
+from edgepack.signature import from_onnx
 
 OLDEST_OPSET = 7  # onnxruntime runs opset 7 and newer; older models are upgraded
-_LABEL_TYPES = {"tensor(int64)", "tensor(int32)", "tensor(string)"}
+_NOT_TENSORS = {"sequence_type": "sequence", "map_type": "map", "optional_type": "optional",
+                "sparse_tensor_type": "sparse tensor"}
 
 
 class OnnxConverter:
@@ -35,33 +35,30 @@ class OnnxConverter:
         except onnx.checker.ValidationError as err:
             raise InputError(f"{path.name} fails the ONNX checker: {str(err).strip().splitlines()[0]}",
                              "fix or re-export the model") from None
-        inputs = _graph_inputs(model)
-        if len(inputs) != 1:
-            raise InputError(f"{path.name} has {len(inputs)} inputs; edgepack builds single-input models for now",
-                             "wrap the model so it takes one tensor")
-        if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise InputError(f"{path.name}: input {inputs[0].name!r} is not float32",
-                             "export the model with a float32 input")
-        dims = inputs[0].type.tensor_type.shape.dim
-        per_sample = tuple(d.dim_value for d in dims[1:])
+        signature = from_onnx(model)
+        not_tensors = [t for t in (*signature.inputs, *signature.outputs) if t.dims is None and t.dtype in _NOT_TENSORS]
+        if not_tensors:
+            raise InputError(f"{path.name}: {not_tensors[0].name!r} is a {_NOT_TENSORS[not_tensors[0].dtype]}, not a "
+                             "tensor; edgepack serves tensor inputs and outputs",
+                             "export the model without ZipMap or sequence outputs (e.g. skl2onnx options zipmap=False)")
+        if not signature.inputs:
+            raise InputError(f"{path.name} has no inputs", "export the model with its inputs")
         opset = default_opset(model)
         import onnxruntime as ort
 
         reference = _session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        kinds = tuple("label" if o.type in _LABEL_TYPES and len(o.shape) == 1 else "values"
-                      for o in reference.get_outputs())
         return SourceModel(
             framework="onnx", file_format="onnx", path=path, sha256=sha256_file(path),
             estimator=f"ONNX graph {model.graph.name or '(unnamed)'} (opset {opset}, {len(model.graph.node)} nodes)",
-            input_shape=per_sample if per_sample and all(per_sample) else None,
-            output_kinds=kinds,  # type: ignore[arg-type]
+            inputs=signature.inputs,
+            output_kinds=None,  # an ONNX file says nothing of what its outputs mean: the rule decides
             # The reference is the file as given, run without graph optimizations.
-            predict=lambda rows: reference.run(None, {reference.get_inputs()[0].name: rows.astype(np.float32)}),
+            predict=lambda feed: reference.run(None, feed),
             native=model, versions={"onnx": onnx.__version__, "onnxruntime": ort.__version__},
             converter="onnx (as given)",
         )
 
-    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]):  # -> onnx.ModelProto
+    def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]):  # -> onnx.ModelProto
         import onnx
         from onnx import shape_inference, version_converter
 
@@ -92,12 +89,6 @@ class OnnxConverter:
 
 def default_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _graph_inputs(model) -> list:
-    # Older exporters list initializers among the inputs; those are weights, not inputs.
-    weights = {init.name for init in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in weights]
 
 
 def _session(path: Path, level):

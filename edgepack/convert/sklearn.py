@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 
 from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
-from edgepack.sample_data import SampleData
+from edgepack.samples import Examples
+from edgepack.signature import TensorInfo
 from edgepack.errors import ConversionError, InputError
 from edgepack.runtime.bundle import sha256_file
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib")
 SUPPORTED_LIST = "https://onnx.ai/sklearn-onnx/supported.html"
+INPUT_NAME = "X"
 
 
 class SklearnConverter:
@@ -51,25 +53,27 @@ class SklearnConverter:
             path=path,
             sha256=sha256_file(path),
             estimator=describe(model),
-            input_shape=(model.n_features_in_,) if hasattr(model, "n_features_in_") else None,
+            inputs=(TensorInfo(INPUT_NAME, "float32",
+                               ("?", int(model.n_features_in_)) if hasattr(model, "n_features_in_") else None),),
             output_kinds=kinds,
-            predict=lambda rows: _reference_outputs(model, kinds, rows),
+            predict=lambda feed: _reference_outputs(model, kinds, feed[INPUT_NAME]),
             native=model,
             versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__},
             converter="skl2onnx",
             float32_thresholds=any(_is_tree(part) for part in _leaves(model)),
         )
 
-    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
+    def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
         from skl2onnx import to_onnx
         from skl2onnx.common.data_types import FloatTensorType
         from skl2onnx.common.exceptions import MissingConverter, MissingShapeCalculator
 
         model = source.native
-        if sample.rows.ndim != 2:
-            raise InputError(f"scikit-learn models take a table of rows; the sample has shape {sample.rows.shape}",
+        rows = sample.arrays[INPUT_NAME]
+        if rows.ndim != 2 or sample.stacked:
+            raise InputError(f"scikit-learn models take a table of rows; the sample has shape {list(rows.shape)}",
                              "pass a 2-D sample (rows x features)")
-        n_features = sample.rows.shape[1]
+        n_features = rows.shape[1]
         unsupported = _unsupported_parts(model)
         if unsupported:
             raise ConversionError(
@@ -80,7 +84,7 @@ class SklearnConverter:
         from sklearn.base import is_classifier
 
         def run(options: dict | None) -> onnx.ModelProto:
-            return to_onnx(model, initial_types=[("X", FloatTensorType([None, n_features]))],
+            return to_onnx(model, initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
                            options=options, target_opset=opsets)
 
         try:
@@ -144,17 +148,19 @@ def _load_pickle(path: Path) -> Any:
 
 
 def _output_kinds(model: Any) -> tuple[OutputKind, ...]:
-    from sklearn.base import is_classifier
+    from sklearn.base import is_classifier, is_regressor
 
     if is_classifier(model):
-        return ("label", "values")
-    return ("values",)
+        return ("label", "probabilities" if hasattr(model, "predict_proba") else "scores")
+    if is_regressor(model):
+        return ("regression",)
+    return ("unknown",)
 
 
 def _reference_outputs(model: Any, kinds: tuple[OutputKind, ...], rows: np.ndarray) -> list[np.ndarray]:
     """The original model's answers, in the order skl2onnx writes its outputs."""
     rows = rows.astype(np.float64)  # how scikit-learn computes: the reference for float32 ONNX
-    if kinds == ("label", "values"):
+    if kinds[0] == "label":
         scores = model.predict_proba(rows) if hasattr(model, "predict_proba") else model.decision_function(rows)
         return [np.asarray(model.predict(rows)), np.asarray(scores)]
     if hasattr(model, "predict"):

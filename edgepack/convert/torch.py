@@ -36,7 +36,8 @@ import onnx
 from edgepack.convert.base import LoadOptions, SourceModel, model_file, record_converter
 from edgepack.errors import ConversionError, InputError, UnsupportedHere
 from edgepack.runtime.bundle import sha256_file
-from edgepack.sample_data import SampleData
+from edgepack.samples import Examples
+from edgepack.signature import TensorInfo
 
 # Unpinned, pip resolves torch to a multi-GB CUDA build; the pinned version is a CPU wheel here.
 TORCH_INSTALL = 'pip install torch==2.13.0 && pip install -e ".[torch]"'
@@ -50,7 +51,6 @@ DYNAMO_MIN_OPSET = 18
 LOWEST_EXPORT_OPSET = 17  # every supported torch's TorchScript exporter writes up to this one
 # torch.export specializes a dimension of size 0 or 1 to a constant: trace with a batch of 2.
 EXAMPLE_BATCH = 2
-PREDICT_CHUNK = 1024  # rows per forward pass of the original, to bound its memory
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -112,30 +112,32 @@ class TorchConverter:
             path=path,
             sha256=digest,
             estimator=getattr(model, "original_name", None) or type(model).__name__,
-            input_shape=None,  # neither form records the input's shape; the sample fixes it
-            output_kinds=("values",),
-            predict=lambda rows: [_predict(model, rows)],
+            # Neither form records the inputs' shapes or dtypes; the sample fixes them.
+            inputs=tuple(TensorInfo(name) for name in _input_names(model)),
+            output_kinds=None,
+            predict=lambda feed: _predict(model, feed),
             native=model,
             versions=versions,
             converter=DYNAMO if dynamo else TORCHSCRIPT,
         )
 
-    def convert(self, source: SourceModel, sample: SampleData, opsets: dict[str, int]) -> onnx.ModelProto:
-        torch = _import_torch()
+    def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
         model, opset = source.native, opsets[""]
-        rows = sample.rows if len(sample.rows) >= EXAMPLE_BATCH else np.repeat(sample.rows, EXAMPLE_BATCH, axis=0)
-        example = torch.from_numpy(np.ascontiguousarray(rows[:EXAMPLE_BATCH], dtype=np.float32))
-        _check_takes_sample(model, example, source, sample)
+        names = [tensor.name for tensor in source.inputs]
+        example = _example(sample, names)
+        outputs = _check_takes_sample(model, example, source, sample)
+        output_names = _output_names(outputs)
+        batched = [name for name in names if not sample.stacked and example[name].dim() > 0]
 
         exported, used, dynamo_failure = None, TORCHSCRIPT, ""
         if source.converter == DYNAMO and opset >= DYNAMO_MIN_OPSET:
             try:
-                exported, used = _export_dynamo(model, example, opset), DYNAMO
+                exported, used = _export_dynamo(model, example, names, output_names, batched, opset), DYNAMO
             except Exception as err:  # torch.export fails in many ways on code it cannot trace
                 dynamo_failure = f"dynamo: {_reason(err)}; "
         if exported is None:
             try:
-                exported = _export_torchscript(model, example, opset)
+                exported = _export_torchscript(model, example, names, output_names, batched, opset)
             except Exception as err:  # the TorchScript exporter too
                 raise ConversionError(
                     f"torch.onnx could not export {source.estimator}: {dynamo_failure}torchscript: {_reason(err)}",
@@ -143,11 +145,39 @@ class TorchConverter:
                 ) from err
         exported = _at_opset(exported, opset)
         _drop_initializer_value_info(exported)
-        _check_batch_axis(exported, rows, source)
+        if batched:
+            _check_batch_axis(exported, {name: tensor.numpy() for name, tensor in example.items()}, batched, source)
         # SourceModel is frozen and made before the export; the model itself records which
         # exporter wrote it, so a fallback to TorchScript is never hidden.
         record_converter(exported, used)
         return exported
+
+
+def _input_names(model: Any) -> list[str]:
+    """forward's parameters, in order (one input keeps the name ``input``, as single-input bundles always had)."""
+    import inspect
+
+    torch = _import_torch()
+    try:
+        if isinstance(model, torch.jit.ScriptModule):
+            names = [argument.name for argument in model.forward.schema.arguments[1:]]
+        else:
+            names = [name for name, parameter in inspect.signature(model.forward).parameters.items()
+                     if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                     and parameter.default is parameter.empty]
+    except (AttributeError, TypeError, ValueError):  # a forward without an inspectable signature
+        names = []
+    return names if len(names) > 1 else [INPUT_NAME]
+
+
+def _example(sample: Examples, names: list[str]) -> dict[str, Any]:
+    """The tracing example: EXAMPLE_BATCH rows of each input (repeated when the sample has fewer), or its first feed."""
+    torch = _import_torch()
+    feed = next(sample.chunks(EXAMPLE_BATCH))
+    if not sample.stacked and sample.count < EXAMPLE_BATCH:
+        feed = {name: np.concatenate([array] * EXAMPLE_BATCH)[:EXAMPLE_BATCH] if array.ndim else array
+                for name, array in feed.items()}
+    return {name: torch.from_numpy(np.array(feed[name], copy=True)) for name in names}
 
 
 def _load_factory_model(path: Path, weights: Path | None) -> tuple[Any, str]:
@@ -296,34 +326,51 @@ def _is_state_dict(held: Any) -> bool:
     return isinstance(held, Mapping) and all(isinstance(value, torch.Tensor) for value in held.values())
 
 
-def _check_takes_sample(model: Any, example: Any, source: SourceModel, sample: SampleData) -> None:
+def _check_takes_sample(model: Any, example: dict[str, Any], source: SourceModel, sample: Examples) -> Any:
     torch = _import_torch()
     try:
         with torch.no_grad():
-            output = model(example)
+            output = model(*example.values())
     except Exception as err:  # a shape or dtype mismatch, raised from anywhere in forward
-        shape = _dims(sample.feature_shape)
-        raise InputError(f"{source.estimator} cannot take the sample's rows of shape {shape}: {_reason(err)}",
-                         "pass --sample rows shaped like the model's input, batch first: e.g. N x 1 x 8 x 8 for images") from err
-    _one_tensor(output, source.estimator)
+        shapes = ", ".join(f"{name} {list(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
+                           for name, tensor in example.items())
+        raise InputError(f"{source.estimator} cannot take the sample ({shapes}): {_reason(err)}",
+                         "pass --sample inputs shaped like the model's, batch first: e.g. N x 1 x 8 x 8 for images; "
+                         "an .npz keyed by forward's parameter names for several inputs") from err
+    return _tensors(output, source.estimator)
 
 
-def _one_tensor(output: Any, estimator: str) -> Any:
+def _tensors(output: Any, estimator: str) -> Any:
+    """The output as a tensor, a tuple of tensors or a dict of them; anything else is refused."""
     torch = _import_torch()
     if isinstance(output, torch.Tensor):
         return output
-    count = f"{len(output)} values" if isinstance(output, (tuple, list, dict)) else f"a {type(output).__name__}"
-    raise ConversionError(f"{estimator}'s forward returns {count}; edgepack converts models with one output tensor",
-                          "wrap the model so forward returns the logits tensor alone")
+    values = list(output.values()) if isinstance(output, dict) else list(output) if isinstance(output, (tuple, list)) else None
+    if values and all(isinstance(value, torch.Tensor) for value in values):
+        return output
+    what = f"a {type(output).__name__}" if values is None else f"a {type(output).__name__} holding non-tensors"
+    raise ConversionError(f"{estimator}'s forward returns {what}; edgepack converts models whose outputs are tensors",
+                          "wrap the model so forward returns a tensor, or a tuple or dict of tensors")
 
 
-def _predict(model: Any, rows: np.ndarray) -> np.ndarray:
+def _output_names(output: Any) -> list[str]:
     torch = _import_torch()
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if isinstance(output, torch.Tensor):
+        return [OUTPUT_NAME]
+    if isinstance(output, dict):
+        return [str(key) for key in output]
+    return [f"{OUTPUT_NAME}_{index}" for index in range(len(output))]
+
+
+def _predict(model: Any, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    torch = _import_torch()
     with torch.no_grad():
-        parts = [_one_tensor(model(torch.from_numpy(rows[start:start + PREDICT_CHUNK])), "the model").numpy()
-                 for start in range(0, len(rows), PREDICT_CHUNK)]
-    return np.concatenate(parts)
+        output = model(*(torch.from_numpy(np.array(array, copy=True)) for array in feed.values()))
+    output = _tensors(output, "the model")
+    if isinstance(output, torch.Tensor):
+        return [output.numpy()]
+    values = output.values() if isinstance(output, dict) else output
+    return [value.numpy() for value in values]
 
 
 @contextlib.contextmanager
@@ -342,26 +389,33 @@ def _quiet_export() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def _export_dynamo(model: Any, example: Any, opset: int) -> onnx.ModelProto:
+def _export_dynamo(model: Any, example: dict[str, Any], names: list[str], output_names: list[str],
+                   batched: list[str], opset: int) -> onnx.ModelProto:
     torch = _import_torch()
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if name in batched else None for name in names)
     with _quiet_export():
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            model, tuple(example.values()), dynamo=True, opset_version=opset, input_names=names,
+            output_names=output_names, dynamic_shapes=dynamic, verbose=False,
         )
     return program.model_proto
 
 
-def _export_torchscript(model: Any, example: Any, opset: int) -> onnx.ModelProto:
+def _export_torchscript(model: Any, example: dict[str, Any], names: list[str], output_names: list[str],
+                        batched: list[str], opset: int) -> onnx.ModelProto:
     """At ``opset``, or (past what this torch writes) the newest it writes, converted up after."""
     torch = _import_torch()
+    axes = {name: {0: "batch"} for name in batched}
+    if batched:
+        axes.update({name: {0: "batch"} for name in output_names})
     for version in range(opset, LOWEST_EXPORT_OPSET - 1, -1) if opset > LOWEST_EXPORT_OPSET else [opset]:
         buffer = io.BytesIO()
         try:
             with _quiet_export():
                 torch.onnx.export(
-                    model, (example,), buffer, dynamo=False, opset_version=version, input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    model, tuple(example.values()), buffer, dynamo=False, opset_version=version, input_names=names,
+                    output_names=output_names, dynamic_axes=axes,
                 )
         except (RuntimeError, ValueError) as err:
             if "opset" in str(err).lower() and version > LOWEST_EXPORT_OPSET:
@@ -393,18 +447,19 @@ def _drop_initializer_value_info(model: onnx.ModelProto) -> None:
     model.graph.value_info.extend(kept)
 
 
-def _check_batch_axis(model: onnx.ModelProto, rows: np.ndarray, source: SourceModel) -> None:
+def _check_batch_axis(model: onnx.ModelProto, example: dict[str, np.ndarray], batched: list[str],
+                      source: SourceModel) -> None:
     """A forward that fixes the batch size (``x.view(2, -1)``) exports a graph that only takes that batch."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
     for batch in (1, EXAMPLE_BATCH + 1):
-        batch_rows = np.ascontiguousarray(np.resize(rows, (batch, *rows.shape[1:])), dtype=np.float32)
+        feed = {name: np.ascontiguousarray(np.resize(array, (batch, *array.shape[1:]))) if name in batched else array
+                for name, array in example.items()}
         try:
-            session.run(None, {name: batch_rows})
+            session.run(None, feed)
         except Exception as err:  # onnxruntime reports shape errors with several types
             raise ConversionError(
                 f"the exported {source.estimator} does not take a batch of {batch} ({_reason(err)})",

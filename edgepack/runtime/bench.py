@@ -158,12 +158,15 @@ def bench_model(
 
 def compare_models(
     models: dict[str, Path], sample: dict[str, np.ndarray] | None, limits: Limits, config: LoopConfig,
-    rounds: int = 5, batch: int = 1, providers: list[str] | None = None,
+    rounds: int = 5, batch: int = 1, providers: list[str] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """Time several models in one process, in alternating rounds, so they share every burst of load.
 
     Each round runs every model's loop for ``config.min_time_s / rounds``; the per-round medians
-    let the caller compare models pair by pair. Memory is shared here, so it is not reported per model.
+    let the caller compare models pair by pair. Each round starts with the next model (round 1 with
+    the first, round 2 with the second...), so none always runs first, right after another's
+    allocations. With ``progress``, a JSON line per round goes to stderr. Memory is shared here, so
+    it is not reported per model.
     """
     from .session import create_session, make_feed
 
@@ -183,9 +186,14 @@ def compare_models(
                        max_warmup_s=config.max_warmup_s / rounds, min_runs=max(config.min_runs // rounds, 10),
                        min_time_s=config.min_time_s / rounds, max_time_s=config.max_time_s / rounds, target_ci=None)
     samples: dict[str, list[list[int]]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, run in sessions.items():
-            samples[name].append(time_runs(run, share).samples)
+    order = list(sessions)
+    for number in range(rounds):
+        for name in order[number % len(order):] + order[:number % len(order)]:
+            samples[name].append(time_runs(sessions[name], share).samples)
+        if progress:
+            medians = {name: summarize(by_round[-1], batch)["p50_ms"] for name, by_round in samples.items()}
+            print(json.dumps({"progress": {"round": number + 1, "rounds": rounds, "p50_ms": medians}}),
+                  file=sys.stderr, flush=True)
     results = {}
     for name, by_round in samples.items():
         flat = [value for chunk in by_round for value in chunk]
@@ -235,6 +243,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", action="append", metavar="NAME=PATH",
                         help="time several ONNX files against each other in alternating rounds (repeat)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds for --compare")
+    parser.add_argument("--progress", action="store_true", help="with --compare: a JSON line per round on stderr")
     parser.add_argument("--threads", type=int, help="intra-op threads, 0 = one per core (default: the bundle's target)")
     parser.add_argument("--cpus", type=int, help="pin to this many cores, 0 = no pinning (default: the bundle's target)")
     parser.add_argument("--memory-mb", type=int, help="the profile's memory limit, for the report")
@@ -350,7 +359,7 @@ def _compare(args: argparse.Namespace, outside: tuple[tuple[str, str], ...], bat
     sample = None if args.random_input or args.input is None else load_inputs(args.input)
     return compare_models({name: Path(path) for name, path in models.items()}, sample,
                           Limits(args.threads, args.cpus, args.memory_mb, args.cpu_quota, outside),
-                          _loop(args), rounds=args.rounds, batch=batches[0])
+                          _loop(args), rounds=args.rounds, batch=batches[0], progress=args.progress)
 
 
 def _one_process(args: argparse.Namespace, outside: tuple[tuple[str, str], ...], batch: int,

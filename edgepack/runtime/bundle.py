@@ -19,7 +19,8 @@ from .errors import IntegrityError
 
 MANIFEST_NAME = "manifest.json"
 SUMS_NAME = "SHA256SUMS"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: output kinds, variant codes and aliases, source provenance
+READS_SCHEMAS = (1, 2)  # this runtime reads bundles of these schemas (every field schema 2 added is optional)
 # Python writes bytecode caches next to the runtime when it runs from an unpacked bundle, and the
 # launcher unpacks the bundled wheels into DEPS_DIR (see deps.py); both are derived from checksummed
 # files, so they are the only files allowed beyond the list.
@@ -73,10 +74,10 @@ def check_manifest(manifest: Any, sums: dict[str, str], where: str) -> dict[str,
         raise IntegrityError(
             f"{where}: {MANIFEST_NAME} lacks {', '.join(missing)}", "rebuild the bundle"
         )
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if manifest["schema_version"] not in READS_SCHEMAS:
         raise IntegrityError(
             f"{where}: manifest schema version {manifest['schema_version']!r} is not supported "
-            f"(this runtime reads {SCHEMA_VERSION})",
+            f"(this runtime reads {', '.join(map(str, READS_SCHEMAS))})",
             "use an edgepack release that matches the bundle",
         )
     listed = {entry["path"]: entry["sha256"] for entry in manifest["files"]}

@@ -19,7 +19,11 @@ _ORT_TO_NUMPY = {
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
     "tensor(int8)": np.int8,
+    "tensor(uint64)": np.uint64,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16,
     "tensor(uint8)": np.uint8,
     "tensor(bool)": np.bool_,
     "tensor(string)": np.str_,
@@ -61,25 +65,98 @@ def load_inputs(path: Path) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
 
 
+def is_symbolic(dim: Any) -> bool:
+    """A dimension the model leaves open: a name, an unnamed one (None, "?", -1)."""
+    return not isinstance(dim, int) or dim < 0
+
+
+def _named(dim: Any) -> bool:
+    return isinstance(dim, str) and dim not in ("", "?")
+
+
+def batch_axes(shapes: dict[str, list[Any]]) -> dict[str, int | None]:
+    """For each input, the axis that holds its rows (the batch), or None where it has none.
+
+    The rule, the same on the build side and on a device: an open first dimension is the batch
+    (the convention of every exporter); an input whose first dimension is fixed (a recurrent
+    state shaped [2, batch, 128]) has its batch where a dimension carries the same name as some
+    input's first one; scalars and fully fixed inputs have none.
+    """
+    names = {shape[0] for shape in shapes.values() if shape and _named(shape[0])}
+    axes: dict[str, int | None] = {}
+    for name, shape in shapes.items():
+        if not shape:
+            axes[name] = None
+        elif is_symbolic(shape[0]):
+            axes[name] = 0
+        else:
+            axes[name] = next((axis for axis, dim in enumerate(shape) if _named(dim) and dim in names), None)
+    return axes
+
+
+def rows_of(feed: dict[str, np.ndarray], axes: dict[str, int | None]) -> int | None:
+    """How many rows a feed holds along its inputs' batch axes (None: no input has one)."""
+    sizes = {feed[name].shape[axis] for name, axis in axes.items() if axis is not None and name in feed}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def resize_rows(feed: dict[str, np.ndarray], axes: dict[str, int | None], batch: int) -> dict[str, np.ndarray]:
+    """``feed`` with ``batch`` rows along each input's batch axis: its rows repeated or cut."""
+    have = rows_of(feed, axes)
+    if have == batch:
+        return feed
+    fixed = [name for name, axis in axes.items() if axis is None and feed[name].ndim > 0]
+    if have is None or fixed:
+        why = (f"input {fixed[0]!r} (shape {list(feed[fixed[0]].shape)}) has no batch axis edgepack can find"
+               if fixed else "the inputs' batch axes disagree on the number of rows")
+        raise InputError(f"cannot make a batch of {batch}: {why}",
+                         f"benchmark this model at the batch its sample has ({have or 1})")
+    resized = {}
+    for name, array in feed.items():
+        axis = axes.get(name)
+        if axis is None:
+            resized[name] = array
+            continue
+        reps = -(-batch // array.shape[axis])
+        resized[name] = np.ascontiguousarray(np.take(np.concatenate([array] * reps, axis=axis), range(batch), axis=axis))
+    return resized
+
+
 def make_feed(
     session: ort.InferenceSession, sample: dict[str, np.ndarray] | None, batch: int, seed: int = 0
 ) -> tuple[dict[str, np.ndarray], str]:
-    """A batch for every model input: rows of the sample when given, else seeded random data."""
+    """A batch for every model input: rows of the sample when given, else seeded random data.
+
+    Rows go along each input's batch axis (``batch_axes``); inputs without one (a scalar sample
+    rate, a fixed-size state) are passed as the sample gives them.
+    """
+    specs = session.get_inputs()
+    axes = batch_axes({spec.name: list(spec.shape) for spec in specs})
+    if sample is not None:
+        missing = [spec.name for spec in specs if spec.name not in sample]
+        if missing:
+            raise InputError(f"sample data has no input named {missing[0]!r}", "rebuild the bundle")
+        feed = {spec.name: np.asarray(sample[spec.name], dtype=numpy_dtype(spec.type)) for spec in specs}
+        return resize_rows(feed, axes, batch), "sample"
     rng = np.random.default_rng(seed)
-    feed: dict[str, np.ndarray] = {}
-    for spec in session.get_inputs():
+    feed = {}
+    for spec in specs:
         dtype = numpy_dtype(spec.type)
-        if sample is not None:
-            if spec.name not in sample:
-                raise InputError(f"sample data has no input named {spec.name!r}", "rebuild the bundle")
-            rows = sample[spec.name]
-            reps = -(-batch // len(rows))
-            feed[spec.name] = np.ascontiguousarray(np.concatenate([rows] * reps)[:batch], dtype=dtype)
-            continue
-        shape = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 1)
-                 for i, d in enumerate(spec.shape)]
-        feed[spec.name] = rng.standard_normal(shape).astype(dtype)
-    return feed, ("sample" if sample is not None else "random")
+        shape = [batch if axis == axes[spec.name] else (d if isinstance(d, int) and d > 0 else 1)
+                 for axis, d in enumerate(spec.shape)]
+        feed[spec.name] = random_values(rng, shape, dtype)
+    return feed, "random"
+
+
+def random_values(rng: np.random.Generator, shape: list[int], dtype: Any) -> np.ndarray:
+    """Seeded values of a dtype: normal floats; 0/1 for integers and booleans (a safe index for any
+    embedding or lookup); text as "0"/"1"."""
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    ones = rng.integers(0, 2, size=shape)
+    if dtype is np.str_:
+        return ones.astype(str)
+    return ones.astype(dtype)
 
 
 def peak_rss_mb() -> float | None:
