@@ -2,8 +2,9 @@
 
 Hand-written (no framework): the hot path of an inference request is one path split, one body
 read, the codec and the route, which keeps the server's own share of a tiny model's latency small.
-Any request is answered: refusals with 4xx, onnxruntime failures and bugs with 500, and the server
-goes on serving either way.
+Any request is answered: refusals with 4xx (onnxruntime's refusal of an input included), a run out
+of memory with 503, other onnxruntime failures and bugs with 500, and the server goes on serving
+either way.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import openapi, v2
 from .batching import BACKLOG
 from .errors import EdgepackError, InferenceFailed, RequestError
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .models import Registry
+from .models import OutOfMemory, Registry
 from .prediction_log import PredictionLog, add_outputs, digest, now, tensors
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -129,7 +130,8 @@ class App:
 
     def _log(self, call: _Call, scope: dict[str, Any], status: int, elapsed: float) -> None:
         """One prediction log line (see README "Prediction log"): inputs sampled, and always kept
-        for a failed run so it can be replayed; outputs themselves when small, else a digest."""
+        for a failed run (refused by onnxruntime, out of memory, a 500) so it can be replayed;
+        outputs themselves when small, else a digest."""
         log = self.log
         if not call.request_id:  # refused before the request id was known (bad JSON, 404...)
             call.request_id = _request_id(scope)
@@ -139,7 +141,7 @@ class App:
         feed = call.feed
         if feed is not None:
             record["inputs_sha256"] = call.inputs_sha256 or digest(feed)
-            if status >= 500 or log.sampled():  # type: ignore[union-attr]
+            if status != 200 or log.sampled():  # type: ignore[union-attr]  # parsed, so it reached a run
                 record["inputs"] = tensors(feed)
         if call.outputs is not None:
             add_outputs(record, call.outputs)
@@ -161,10 +163,10 @@ class App:
                 allowed = b"POST" if call.endpoint in _POST_ENDPOINTS else b"GET"
                 headers.append((b"allow", allowed))
             return err.status, _error(err), headers
-        except InferenceFailed as err:
+        except InferenceFailed as err:  # the server's fault (onnxruntime's refusals are RequestErrors)
             call.error = err.one_line()
             print(f"error: {err.one_line()}", file=sys.stderr, flush=True)
-            return 500, _error(err), [(b"content-type", _JSON)]
+            return (503 if isinstance(err, OutOfMemory) else 500), _error(err), [(b"content-type", _JSON)]
         except _Disconnected:
             raise
         except Exception as err:  # noqa: BLE001 - a bug must cost one request, not the server

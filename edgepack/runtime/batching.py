@@ -12,7 +12,8 @@ has parsed other requests whose handling has not begun: a lone request (concurre
 
 A model is batched only when a two-row run proved that its outputs have one row per input row and
 that row *i* of a two-row run is row *i* of a one-row run (``rows_are_independent``). A batch that
-fails is run again one request at a time, so a bad request fails alone.
+fails is run again one request at a time, so a bad request fails alone: a request onnxruntime refuses
+(``models.InputRejected``, a 400) costs the others of its batch nothing but a second run.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def rows_are_independent(run: Run, feed: dict[str, np.ndarray]) -> bool:
     try:
         one = run(None, feed)
         two = run(None, {name: np.concatenate([array, array]) for name, array in feed.items()})
-    except InferenceFailed:
+    except InferenceFailed:  # two rows refused (InputRejected is one too): not a batchable model
         return False
     for name, alone in one.items():
         both = two.get(name)
@@ -165,5 +166,5 @@ class Batcher:
         for item in batch:
             try:
                 item.answer(self._timed(item.names, item.feed))
-            except Exception as err:  # noqa: BLE001 - InferenceFailed (a 500) or a bug: this request's alone
+            except Exception as err:  # noqa: BLE001 - a refused input (400), InferenceFailed (500), a bug: its own
                 item.answer(err)

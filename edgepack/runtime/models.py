@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,60 @@ from .v2 import PLATFORM, Signature
 # 1 ms is the better deal; with several, a run longer than the hop is worth overlapping with others.
 INLINE_BUDGET_S = {"one_worker": 0.001, "several_workers": 0.0002}
 PLACEMENTS = ("auto", "loop", "thread")
+
+# onnxruntime's text for a failed run: "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned
+# while running Add node. Name:'merge' Status Message: /onnxruntime_src/onnxruntime/core/providers/
+# cpu/math/element_wise_ops.h:583 void onnxruntime::BroadcastIterator::Append(ptrdiff_t, ptrdiff_t)
+# axis == 1 || axis == largest was false. Attempting to broadcast an axis by a dimension other than 1.
+# 5 by 6". A client needs the node and the last sentences; ``ort_reason`` keeps those.
+_ORT_STATUS = re.compile(r"\[ONNXRuntimeError\] : \d+ : (\w+) : ")
+_ORT_NODE = re.compile(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: ")
+_ORT_NOISE = (_ORT_STATUS,
+              re.compile(r"\S+\.(?:cc|cpp|cu|h|hpp|inc):\d+ "),  # where in onnxruntime's source
+              re.compile(r"[^()]*?\w::[~\w]+\([^()]*\)(?: const)? "),  # the C++ function it was in
+              re.compile(r".*? was false\. (?=\S)"))  # the check that failed, when a message follows it
+_REASON_CHARS = 400
+# Failures that are the server's, not the input's: memory (the message of onnxruntime's arena, and
+# std::bad_alloc as libstdc++ and MSVC word it) and an execution provider's own (a device) failure.
+_OUT_OF_MEMORY = re.compile(r"Failed to allocate memory|bad[ _]alloc|out of memory", re.IGNORECASE)
+_SERVER_STATUSES = {"EP_FAIL", "ENGINE_ERROR"}
+
+
+class InputRejected(RequestError, InferenceFailed):
+    """onnxruntime refused, at run time, input that the server had accepted (names, datatypes,
+    shapes against the signature): a 400. The model ran on the bundle's own sample at warm-up, so
+    what fails now is this input: a constraint of the model's (a dimension that must divide evenly,
+    an index that must be in range) that its signature cannot state. It is an InferenceFailed
+    too, so what runs models and catches failed runs (batching, phased, shadow) sees one."""
+
+
+class OutOfMemory(InferenceFailed):
+    """onnxruntime could not allocate memory for a run: answered with 503, not 500 (no bug) nor 400
+    (the input may be fine): memory is the host's, shared with the requests running beside this
+    one, so the same request can succeed later, with fewer at once, or on another replica; 503 is
+    what clients and balancers retry elsewhere, and what an alert on 500s (bugs) should not count."""
+
+
+def ort_reason(text: str) -> tuple[str | None, str]:
+    """(onnxruntime's status name, e.g. FAIL or INVALID_ARGUMENT, or None when the text is not
+    onnxruntime's; its reason without the source locations and C++ names around it)."""
+    first = " ".join(line.strip() for line in text.splitlines() if line.strip())  # some reasons span lines
+    status = _ORT_STATUS.match(first)
+    reason = first[status.end():] if status else first
+    where = ""
+    if node := _ORT_NODE.match(reason):
+        where = f"{node.group(1)} node {node.group(2)!r}: " if node.group(2) else f"{node.group(1)} node: "
+        reason = reason[node.end():]
+    changed = True
+    while changed:  # the layers come in this order, and a nested status may start them again
+        changed = False
+        for noise in _ORT_NOISE:
+            if (match := noise.match(reason)) and match.end() < len(reason):
+                reason, changed = reason[match.end():], True
+    reason = (where + reason.strip()) or first or "no reason given"
+    if len(reason) > _REASON_CHARS:
+        reason = reason[:_REASON_CHARS - 3] + "..."
+    return (status.group(1) if status else None), reason
 
 
 @dataclass(frozen=True)
@@ -65,6 +120,8 @@ class ServedModel:
     """A session ready to answer: created, checked against the manifest, warmed up and timed."""
 
     def __init__(self, spec: ModelSpec, placement: str = "auto", max_batch: int = 1) -> None:
+        import onnxruntime as ort
+
         from .session import create_session, load_inputs, make_feed
 
         if placement not in PLACEMENTS:
@@ -73,16 +130,25 @@ class ServedModel:
         try:
             self.session, self.create_s = create_session(spec.path, spec.threads, providers=spec.providers)
         except Exception as err:  # noqa: BLE001 - onnxruntime raises its own types for files it cannot load
-            import onnxruntime
-
-            raise UnsupportedHere(f"onnxruntime {onnxruntime.__version__} cannot load {spec.path.name}: "
+            raise UnsupportedHere(f"onnxruntime {ort.__version__} cannot load {spec.path.name}: "
                                   f"{str(err).splitlines()[0]}", "install the onnxruntime the bundle was built for") from None
         names = ([i.name for i in self.session.get_inputs()], [o.name for o in self.session.get_outputs()])
         if names != (list(spec.signature.inputs), list(spec.signature.outputs)):
             raise IntegrityError(f"{spec.path.name} takes {names[0]} and gives {names[1]}, the manifest says "
                                  f"{list(spec.signature.inputs)} and {list(spec.signature.outputs)}", "rebuild the bundle")
+        # onnxruntime logs every failed run to stderr at ERROR; a run the client's input made fail is
+        # answered (400) and logged by the server, so per run only FATAL gets through. (Passing run
+        # options also saves the ~0.7 us the binding spends making default ones for each run.)
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         feed, _ = make_feed(self.session, load_inputs(spec.warmup) if spec.warmup else None, batch=1)
-        self.warm_run_s = self._warm_up(feed)
+        try:
+            self.warm_run_s = self._warm_up(feed)
+        except InferenceFailed as err:  # a refusal of the bundle's own sample is no client's fault
+            on = "the bundle's sample" if spec.warmup else "generated sample input"
+            raise InferenceFailed(f"{err.message} (at warm-up, on {on})", "the model cannot run its sample here: "
+                                  "check the bundle with python -m runtime bench, and serve it with the onnxruntime "
+                                  "it was built for") from None
         self.run_s_per_element = self.warm_run_s / max(sum(a.size for a in feed.values()), 1)
         self.placement = placement
         # session.run overlaps in threads; each run uses the session's intra-op threads, so more
@@ -107,18 +173,36 @@ class ServedModel:
         return sorted(times)[len(times) // 2]
 
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Blocking; an onnxruntime failure becomes InferenceFailed (a 500), never a crash."""
+        """Blocking; a failed run raises, never crashes: InputRejected (400) when onnxruntime refused
+        the input, OutOfMemory (503), InferenceFailed (500) when the server is at fault."""
         try:
-            values = self.session.run(names, feed)
+            values = self.session.run(names, feed, self._run_options)
         except Exception as err:  # noqa: BLE001 - onnxruntime's error types are not importable stably
-            raise InferenceFailed(f"model {self.spec.name}: onnxruntime failed: {str(err).splitlines()[0]}",
-                                  "the input passed validation; report this with the request") from None
+            raise self._failure(err) from None
         produced = dict(zip(names or self.spec.signature.outputs, values))
         for name, value in produced.items():
             if not isinstance(value, np.ndarray):
                 raise InferenceFailed(f"model {self.spec.name}: output {name!r} is a {type(value).__name__}, "
                                       "not a tensor", "rebuild the bundle")
         return produced
+
+    def _failure(self, err: Exception) -> InferenceFailed:
+        """What a run's exception means. onnxruntime ran this model on its sample at warm-up, and the
+        server checked the input's names, datatypes and shapes, so onnxruntime's own refusals (a
+        kernel's shape check, an index out of range) are the input's; memory and a provider's
+        failure are the server's, and so is any exception that is not onnxruntime's (a bug here)."""
+        status, reason = ort_reason(str(err))
+        where = f"model {self.spec.name}"
+        if _OUT_OF_MEMORY.search(str(err)):
+            return OutOfMemory(f"{where}: out of memory for this run: {reason}",
+                               "retry later or on another replica, or send fewer rows per request")
+        if status is None or status in _SERVER_STATUSES:
+            return InferenceFailed(f"{where}: onnxruntime failed: {type(err).__name__}: {reason}",
+                                   "the input passed validation; report this with the request")
+        return InputRejected(f"{where}: onnxruntime failed on this input: {reason}",
+                             "onnxruntime refused this input: the model's constraints on its inputs (a dimension "
+                             "that must divide evenly, an index in range) are not in its signature; change the "
+                             "input as the reason says")
 
     def inline(self, feed: dict[str, np.ndarray]) -> bool:
         if self.placement != "auto":

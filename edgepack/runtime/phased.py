@@ -7,8 +7,9 @@ step's weight. Weights only grow, so a user who reached the candidate stays on i
 The candidate's outcomes feed ``rollout_state.Rollout`` on the event loop's thread (every decision
 and admin action happens there, so the state needs no lock). A request the candidate fails on is
 answered by the primary: the failure counts against the candidate's error gate, not against the
-user. Agreement is measured off the request's path: for a sample of the candidate's requests a
-worker thread runs the primary on the same input and compares.
+user. An input onnxruntime refuses in both models is the input's fault: the client gets the 400,
+and the candidate is not charged with it. Agreement is measured off the request's path: for a
+sample of the candidate's requests a worker thread runs the primary on the same input and compares.
 
 The state file is written at once, with fsync, on every decision (before the next request is
 routed by it) and otherwise twice a second when counts changed, from a thread, so a restart after
@@ -32,7 +33,7 @@ import numpy as np
 
 from .errors import InferenceFailed, InputError, RequestError
 from .files import write_atomic
-from .models import Answer, ModelSpec, ServedModel, SingleRoute
+from .models import Answer, InputRejected, ModelSpec, ServedModel, SingleRoute
 from .prediction_log import PredictionLog, digest, now, outputs_field
 from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, state_bytes, state_path
 from .shadow import check_signatures, compare, labels, stop_worker, work_off_path
@@ -143,10 +144,19 @@ class PhasedRoute(SingleRoute):
         try:
             outputs, run_s, batch = await self.candidate.infer(names, feed)
         except InferenceFailed as err:
-            self._candidate_outcome(False, (time.perf_counter() - started) * 1000)
-            self.metrics.rollout_requests.inc(self.name, "candidate", "error")
-            # The user gets the primary's answer; the candidate's failure is counted and logged.
-            outputs, run_s, batch = await self.model.infer(names, feed)
+            latency_ms = (time.perf_counter() - started) * 1000
+            # The user gets the primary's answer; the candidate's failure is counted and logged, unless
+            # the primary refuses the input too: then it is the input's fault and the client's 400.
+            try:
+                outputs, run_s, batch = await self.model.infer(names, feed)
+            except InputRejected:
+                if not isinstance(err, InputRejected):
+                    self._candidate_failed(latency_ms)
+                raise
+            except BaseException:
+                self._candidate_failed(latency_ms)
+                raise
+            self._candidate_failed(latency_ms)
             return Answer(self.spec.version, outputs, run_s,
                           {"variant": "primary", "step": step, "fallback": err.message}, batch)
         self._candidate_outcome(True, (time.perf_counter() - started) * 1000)
@@ -158,6 +168,10 @@ class PhasedRoute(SingleRoute):
                 rollout.counts.checks_dropped += 1
                 self._changes += 1
         return Answer(self.candidate_spec.version, outputs, run_s, {"variant": "candidate", "step": step}, batch)
+
+    def _candidate_failed(self, latency_ms: float) -> None:
+        self._candidate_outcome(False, latency_ms)
+        self.metrics.rollout_requests.inc(self.name, "candidate", "error")
 
     def _candidate_outcome(self, ok: bool, latency_ms: float) -> None:
         if self.rollout.state == COMPLETE:
