@@ -271,15 +271,16 @@ def test_other_refusals(server, manifest):
 
 
 def test_large_bodies_get_413_and_the_server_goes_on(server):
-    body = b'{"inputs": [' + b" " * (9 << 20) + b"]}"
+    body = b'{"inputs": [' + b" " * (33 << 20) + b"]}"
     status, answer = post(server.url + "/v2/models/classifier/infer", body)
-    assert status == 413 and "8 MiB" in answer["error"] and "--max-body-mb" in answer["error"]
-    # Chunked, with no Content-Length to refuse it early: refused once 8 MiB have been read.
+    assert status == 413 and "32 MiB" in answer["error"] and "--max-body-mb" in answer["error"]
+    assert "binary data" in answer["error"] and "Inference-Header-Content-Length" in answer["error"]
+    # Chunked, with no Content-Length to refuse it early: refused once 32 MiB have been read.
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/predict", body=iter([b" " * (1 << 20)] * 9), encode_chunked=True,
+    connection.request("POST", "/predict", body=iter([b" " * (1 << 20)] * 33), encode_chunked=True,
                        headers={"Content-Type": "application/json"})
     response = connection.getresponse()
-    assert response.status == 413 and "8 MiB" in json.loads(response.read())["error"]
+    assert response.status == 413 and "32 MiB" in json.loads(response.read())["error"]
     connection.close()
     assert post(server.url + "/predict", {"rows": [ROW]})[0] == 200
     assert get(server.url + "/v2/health/ready")[0] == 200

@@ -1,5 +1,5 @@
-"""What the server answers when a run fails, for real: graphs made here, packaged as bundles,
-real servers on 127.0.0.1.
+"""What the server answers when a run fails, and how large a body it takes, for real: graphs made
+here, packaged as bundles, real servers on 127.0.0.1.
 
 A model runs its bundle's sample at warm-up, so onnxruntime refusing a request's input later (here
 a U-Net-like graph whose height and width must be even) is the input's fault: a 400 with
@@ -217,3 +217,67 @@ def test_a_sample_the_model_refuses_stops_the_server_at_warm_up(tmp_path):
     assert done.returncode == 1, done.stderr
     assert "at warm-up, on the bundle's sample" in done.stderr and "5 by 6" in done.stderr
 
+
+# -- the body limit ------------------------------------------------------------------------------
+
+def _mean_model() -> onnx.ModelProto:
+    """An image's mean per channel: [N, 3, H, W] -> [N, 3]."""
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["X"], ["mean"], axes=[2, 3], keepdims=0)], "mean",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["N", 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture(scope="module")
+def mean_archive(tmp_path_factory):
+    return package(_mean_model(), "mean", {"X": _image(8, 8)}, tmp_path_factory.mktemp("mean"))
+
+
+def test_the_default_limit_takes_a_640x640_image_as_json(mean_archive, tmp_path):
+    """One 640x640x3 float32 image as v2 JSON (json.dumps of tolist, as a script sends it; tritonclient
+    with binary_data=False) is ~24 MiB: both servers, started with their defaults, take it."""
+    http_client = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (the dev extra) is not installed")
+    image = _image(640, 640)
+    body = json.dumps(_infer_body(image)).encode()
+    assert 20 << 20 < len(body) < 32 << 20  # 24,906,010 bytes with this seed
+    expected = image.mean(axis=(2, 3))
+    root = extract_archive(mean_archive, tmp_path / "bundle")
+    for command, cwd in ((SERVE, root), ([sys.executable, "-m", "edgepack", "serve", str(mean_archive), "--port", "0"],
+                                         tmp_path)):
+        served = Served(command, cwd)
+        try:
+            status, _, answer = request("POST", served.url + "/v2/models/mean/infer", body,
+                                        {"Content-Type": "application/json"})
+            assert status == 200, answer[:300]
+            np.testing.assert_allclose(json.loads(answer)["outputs"][0]["data"], expected.reshape(-1), rtol=1e-4)
+            client = http_client.InferenceServerClient(url=f"127.0.0.1:{served.port}", connection_timeout=120,
+                                                       network_timeout=120)
+            tensor = http_client.InferInput("X", list(image.shape), "FP32")
+            tensor.set_data_from_numpy(image, binary_data=False)
+            result = client.infer("mean", [tensor], outputs=[http_client.InferRequestedOutput("mean", binary_data=False)])
+            np.testing.assert_allclose(result.as_numpy("mean"), expected, rtol=1e-4)
+            client.close()
+        finally:
+            assert served.stop() == 0
+
+
+def test_past_the_limit_a_413_names_the_binary_extension(mean_archive, tmp_path):
+    http_client = pytest.importorskip("tritonclient.http", reason="tritonclient[http] (the dev extra) is not installed")
+    images = _image(640, 640, n=2)  # ~48 MiB as JSON, 9.4 MiB as binary data
+    root = extract_archive(mean_archive, tmp_path / "bundle")
+    served = Served(SERVE, root)
+    try:
+        status, answer = post(served.url + "/v2/models/mean/infer", _infer_body(images))
+        assert status == 413, answer
+        error = answer["error"]
+        assert error.startswith("the body is larger than the server's limit of 32 MiB"), error
+        assert "send tensors as binary data" in error and "Inference-Header-Content-Length" in error
+        assert "binary_data=True" in error and "--max-body-mb" in error
+        client = http_client.InferenceServerClient(url=f"127.0.0.1:{served.port}")
+        tensor = http_client.InferInput("X", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images, binary_data=True)  # what the hint says: the same images fit
+        result = client.infer("mean", [tensor])
+        np.testing.assert_allclose(result.as_numpy("mean"), images.mean(axis=(2, 3)), rtol=1e-4)
+        client.close()
+    finally:
+        assert served.stop() == 0

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         bundle: Path = typer.Argument(..., help="A bundle .tar.gz (verified, then unpacked to a temporary folder) or an unpacked bundle folder."),
         host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
         port: int = typer.Option(8080, help="Port to listen on (0: any free port; the log line says which)."),
-        max_body_mb: float = typer.Option(8.0, help="Refuse request bodies larger than this with 413."),
+        max_body_mb: float = typer.Option(32.0, help="Refuse request bodies larger than this with 413 (32 MiB takes one 640x640x3 float32 image as v2 JSON; binary tensors take ~5x less)."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Accept NaN and infinity in float inputs (refused with 400 by default)."),
         access_log: bool = typer.Option(False, "--access-log", help="Log one line per request to stderr."),
         inference: str = typer.Option("auto", help="Where session.run runs: loop (the event loop), thread, or auto (the loop for runs expected under 1 ms with one worker thread, 0.2 ms with several)."),

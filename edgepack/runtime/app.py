@@ -40,11 +40,19 @@ _BODY_HEADERS = (b"content-length", b"content-encoding", b"expect", b"inference-
 # the 413; past that the server answers at once and drops the connection.
 _DRAIN_FACTOR = 4
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # what uvicorn refuses in a header value
+# The default body limit (--max-body-mb) takes one 640x640x3 float32 image (a detector's input)
+# sent as v2 JSON, the way clients send it without the binary extension (tritonclient with
+# binary_data=False, or json.dumps of arr.flatten().tolist()): with random values in [0, 1) the
+# body is 23.8 MiB (24,906,010 bytes; 22.6 MiB from tritonclient, which writes no spaces). A value
+# takes at most 22 characters and ", " (28.1 MiB), 23 with a sign (29.3 MiB, a normalised image):
+# 32 MiB holds even that. The same image as binary data is 4.7 MiB. server.ServeSettings and
+# `edgepack serve` repeat the figure (they cannot import this module before orjson is checked).
+DEFAULT_MAX_BODY_MB = 32
 
 
 @dataclass(frozen=True)
 class AppSettings:
-    max_body_bytes: int = 8 << 20
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     allow_nonfinite: bool = False
     access_log: bool = False
     server_version: str = "unknown"
@@ -366,7 +374,10 @@ def _header_value(text: str) -> bytes:
 
 def _too_large(limit: int) -> RequestError:
     return RequestError(f"the body is larger than the server's limit of {limit / 2**20:g} MiB",
-                        "send fewer rows per request, or start the server with a larger --max-body-mb", 413)
+                        "send tensors as binary data (the v2 binary tensor extension: a JSON header of "
+                        "Inference-Header-Content-Length bytes, then the raw tensors, as tritonclient does with "
+                        "binary_data=True: 4 bytes a float32 value instead of ~20 in JSON), send fewer rows per "
+                        "request, or start the server with a larger --max-body-mb", 413)
 
 
 async def _drain(receive: Receive, size: int, cap: int) -> None:

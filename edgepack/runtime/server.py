@@ -38,7 +38,7 @@ KEEP_ALIVE_S = 75
 class ServeSettings:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    max_body_mb: float = 8
+    max_body_mb: float = 32  # app.DEFAULT_MAX_BODY_MB: one 640x640x3 float32 image as v2 JSON (~24 MiB), see there
     allow_nonfinite: bool = False
     access_log: bool = False
     placement: str = "auto"  # where inference runs: auto, loop or thread (see models.INLINE_BUDGET_S)
@@ -101,7 +101,7 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
                              "give an unpacked bundle folder (edgepack serve also takes a .tar.gz)")
         candidate_manifest = verify_dir(candidate_root).manifest  # both verified before anything starts
     if settings.max_body_mb <= 0:
-        raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 8")
+        raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 32")
     if settings.max_batch < 1:
         raise InputError(f"--max-batch {settings.max_batch}: expected at least 1", "1 runs every request alone")
     from .metrics import ServerMetrics
@@ -316,7 +316,8 @@ def _parser(default_host: str) -> argparse.ArgumentParser:
     parser.add_argument("--host", default=default_host, help=f"address to listen on (default: {default_host})")
     parser.add_argument("--port", type=int, help=f"port (default: $PORT, else {DEFAULT_PORT}; 0: any free port)")
     parser.add_argument("--max-body-mb", type=float, default=ServeSettings.max_body_mb,
-                        help="refuse request bodies larger than this with 413 (default: 8)")
+                        help="refuse request bodies larger than this with 413 (default: %(default)g, which takes one "
+                             "640x640x3 float32 image as v2 JSON; binary tensors take ~5x less)")
     parser.add_argument("--allow-nonfinite", action="store_true", help="accept NaN and infinity in float inputs")
     parser.add_argument("--access-log", action="store_true", help="log one line per request to stderr")
     parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: the bundle's target)")
