@@ -234,6 +234,8 @@ def datatype_of(array: np.ndarray) -> str:
 
 
 def json_value(array: np.ndarray) -> Any:
+    if array.ndim == 0:  # a scalar output: its value (ascontiguousarray would make it a list of one)
+        return array.item()
     if array.dtype in _ORJSON_NATIVE:
         return np.ascontiguousarray(array)
     return array.tolist()
@@ -280,7 +282,9 @@ def _checked_shape(sig: TensorSig, shape: Any) -> tuple[int, ...]:
 
 
 def _json_array(sig: TensorSig, data: Any) -> np.ndarray:
-    if not isinstance(data, list):
+    # A scalar (shape []) input may also be given as its value alone: /predict has no other way.
+    scalar = not sig.shape and isinstance(data, (bool, int, float, str))
+    if not isinstance(data, list) and not scalar:
         raise RequestError(f"input {sig.name!r}: data must be a JSON array, got {type(data).__name__}")
     try:
         raw = np.asarray(data)  # no dtype: see what the client sent before converting it
@@ -288,9 +292,43 @@ def _json_array(sig: TensorSig, data: Any) -> np.ndarray:
         raise RequestError(f"input {sig.name!r}: data is ragged (rows of different lengths) or nested too deeply",
                            "every row needs the same number of values") from None
     if raw.dtype.kind not in _ACCEPTS[sig.dtype.kind]:
+        if raw.dtype.kind in "fO" and sig.dtype.kind in "iu":
+            # numpy reads integers past int64 beside others ([0, 2**64 - 1]) as floats, losing digits,
+            # or as objects: they may still be whole numbers, read exactly here (and range-checked).
+            exact = np.array(data, dtype=object)
+            if _integers(sig, exact):
+                return exact
         raise RequestError(f"input {sig.name!r}: data holds {_HOLDS.get(raw.dtype.kind, raw.dtype.name)}, "
                            f"datatype {sig.datatype} takes {_TAKES[sig.dtype.kind]}")
     return raw
+
+
+def _integers(sig: TensorSig, exact: np.ndarray) -> bool:
+    """Whether every value is a JSON integer; if not, why the first float does not fit an integer
+    input: a fraction, out of range (a JSON integer past 64 bits reads as a float) or an integer
+    written as a decimal (1.0). False, for the caller to say, at a null, a string or a bool."""
+    limits = np.iinfo(sig.dtype)
+    for index, value in enumerate(exact.reshape(-1)):
+        if type(value) is int:
+            continue
+        if type(value) is not float:
+            return False
+        at = _at(exact, index)
+        if not math.isfinite(value) or value != math.floor(value):
+            raise RequestError(f"input {sig.name!r}: value {value!r} at {at} is not a whole number, "
+                               f"datatype {sig.datatype} takes whole numbers")
+        if not limits.min <= value <= limits.max:  # Python compares a float and an int exactly
+            shown = int(value) if abs(value) <= 2**64 else value  # past that, a float's digits are not the client's
+            raise RequestError(f"input {sig.name!r}: value {shown} at {at} is out of {sig.datatype} range "
+                               f"({limits.min}..{limits.max})")
+        raise RequestError(f"input {sig.name!r}: value {value!r} at {at} is a whole number written as a decimal, "
+                           f"datatype {sig.datatype} takes integers", f"send {int(value)}, not {value!r}")
+    return True
+
+
+def _at(array: np.ndarray, flat_index: int) -> str:
+    where = np.unravel_index(flat_index, array.shape) if array.ndim > 1 else (flat_index,)
+    return "[" + ", ".join(str(int(i)) for i in where) + "]"
 
 
 def _from_json(sig: TensorSig, data: Any, shape: tuple[int, ...], allow_nonfinite: bool) -> np.ndarray:
@@ -312,7 +350,8 @@ def _cast(sig: TensorSig, raw: np.ndarray, shape: tuple[int, ...], allow_nonfini
             bad = low if low < limits.min else high
             raise RequestError(f"input {sig.name!r}: value {bad} is out of {sig.datatype} range "
                                f"({limits.min}..{limits.max})")
-    array = raw.astype(sig.dtype, copy=False).reshape(shape)
+    with np.errstate(over="ignore"):  # a value past FP16's or FP32's range is refused by name below
+        array = raw.astype(sig.dtype, copy=False).reshape(shape)
     if sig.dtype.kind == "f":
         _check_finite(sig, array, raw, allow_nonfinite)
     return array
@@ -327,8 +366,7 @@ def _check_finite(sig: TensorSig, array: np.ndarray, raw: np.ndarray | None, all
     if finite.all():
         return
     first = int(np.argmin(finite.reshape(-1)))
-    where = list(np.unravel_index(first, array.shape)) if array.ndim > 1 else [first]
-    at = "[" + ", ".join(str(int(i)) for i in where) + "]"
+    at = _at(array, first)
     given = None if raw is None else raw.reshape(-1)[first]
     if given is not None and np.isfinite(given):
         raise RequestError(f"input {sig.name!r}: value {given} at {at} is out of {sig.datatype} range")
@@ -347,6 +385,12 @@ def _from_binary(sig: TensorSig, chunk: memoryview, shape: tuple[int, ...], allo
     if len(chunk) != wanted:
         raise RequestError(f"input {sig.name!r}: binary_data_size is {len(chunk)} bytes, shape {list(shape)} "
                            f"of {sig.datatype} needs {wanted}")
+    if sig.datatype == "BOOL":  # one byte a value, 0 or 1: numpy would take any other byte as a bool
+        octets = np.frombuffer(chunk, dtype=np.uint8)
+        if octets.size and octets.max() > 1:
+            first = int(np.argmax(octets > 1))
+            raise RequestError(f"input {sig.name!r}: BOOL binary data holds byte {int(octets[first])} at "
+                               f"{_at(octets.reshape(shape), first)}", "send one byte a value: 0 (false) or 1 (true)")
     array = np.frombuffer(chunk, dtype=sig.dtype.newbyteorder("<")).reshape(shape)
     if not array.flags.aligned or array.dtype != sig.dtype:  # onnxruntime wants native, aligned data
         array = array.astype(sig.dtype)
