@@ -95,22 +95,6 @@ def test_generated_rows_shape():
         Generated.parse(("a",), ())
 
 
-def test_skops_untrusted_types_need_trust(data_dir, tmp_path):
-    import skops.io as sio
-    from sklearn.neural_network import MLPClassifier
-
-    rows = np.load(data_dir / "sample.npy")
-    adam = MLPClassifier(hidden_layer_sizes=(4,), max_iter=5, random_state=0).fit(rows, rows[:, 0] > 0)
-    sio.dump(adam, tmp_path / "adam.skops")
-    untrusted = sio.get_untrusted_types(file=tmp_path / "adam.skops")
-    assert untrusted
-    with pytest.raises(InputError, match="types skops does not trust") as caught:
-        SklearnConverter().load(tmp_path / "adam.skops", LoadOptions())
-    assert f"--trust {untrusted[0]}" in caught.value.hint
-    loaded = SklearnConverter().load(tmp_path / "adam.skops", LoadOptions(trust=tuple(untrusted)))
-    assert loaded.estimator == "MLPClassifier"
-
-
 def test_pickle_needs_the_flag(data_dir, tmp_path):
     import joblib
     import skops.io as sio

@@ -2,6 +2,10 @@
 
 LightGBM: the text model of ``Booster.save_model("model.txt")``. XGBoost: the JSON or UBJSON model of
 ``save_model("model.json" | "model.ubj")``, from a Booster or the scikit-learn wrappers alike.
+
+The scikit-learn API estimators (``LGBMClassifier``, ``XGBRegressor``, ...) inside a pickled or skops
+scikit-learn model are converted by the scikit-learn converter; ``register_sklearn_api`` below
+teaches skl2onnx onnxmltools' converters for them, under the same objective checks as the files here.
 """
 
 from __future__ import annotations
@@ -129,17 +133,9 @@ def _load_lightgbm(path: Path) -> SourceModel:
     except Exception as err:  # LightGBMError, or a decoding error on a binary file
         raise InputError(f"{path.name} is not a readable LightGBM model ({_first_line(err)})",
                          "re-save it with Booster.save_model") from None
-    objective, *settings = header.get("objective", "").split()
-    kind = LIGHTGBM_OBJECTIVES.get(objective)
-    if kind is None:
-        raise ConversionError(f"edgepack cannot convert LightGBM models with objective {objective or 'none'!r}",
-                              f"supported objectives: {', '.join(LIGHTGBM_OBJECTIVES)}")
-    if booster.params.get("linear_tree"):
-        raise ConversionError(f"{path.name} has linear trees, which onnxmltools does not convert",
-                              "retrain with linear_tree=False")
-    if any(s.startswith("sigmoid:") and float(s.split(":")[1]) != 1.0 for s in settings):
-        raise ConversionError(f"{path.name} uses a sigmoid scale other than 1, which onnxmltools ignores",
-                              "retrain with sigmoid=1.0")
+    objective_line = header.get("objective", "")
+    kind = _lightgbm_kind(path.name, objective_line, bool(booster.params.get("linear_tree")))
+    objective = objective_line.split()[0]
     classifier = kind == "classifier"
     return SourceModel(
         framework="LightGBM",
@@ -185,6 +181,25 @@ def _lightgbm_header(path: Path, text: bytes) -> dict[str, str]:
     return header
 
 
+def _lightgbm_kind(name: str, objective_line: str, linear_tree: bool) -> str:
+    """"classifier" or "regressor" for a model onnxmltools converts faithfully; ConversionError otherwise.
+
+    ``objective_line``: the text model's ``objective=`` value, e.g. ``binary sigmoid:1``.
+    """
+    objective, *settings = objective_line.split()
+    kind = LIGHTGBM_OBJECTIVES.get(objective)
+    if kind is None:
+        raise ConversionError(f"edgepack cannot convert LightGBM models with objective {objective or 'none'!r}",
+                              f"supported objectives: {', '.join(LIGHTGBM_OBJECTIVES)}")
+    if linear_tree:
+        raise ConversionError(f"{name} has linear trees, which onnxmltools does not convert",
+                              "retrain with linear_tree=False")
+    if any(s.startswith("sigmoid:") and float(s.split(":")[1]) != 1.0 for s in settings):
+        raise ConversionError(f"{name} uses a sigmoid scale other than 1, which onnxmltools ignores",
+                              "retrain with sigmoid=1.0")
+    return kind
+
+
 def _lightgbm_outputs(booster: Any, classifier: bool, rows: np.ndarray) -> list[np.ndarray]:
     """LightGBM's answers, shaped like the ONNX outputs: labels and (N, classes) probabilities, or (N, 1)."""
     scores = np.asarray(booster.predict(rows.reshape(len(rows), -1).astype(np.float64)))
@@ -220,17 +235,7 @@ def _load_xgboost(path: Path) -> SourceModel:
         raise InputError(f"{path.name} is not a readable XGBoost model ({_first_line(err)})",
                          "re-save it with save_model(\"model.json\") or (\"model.ubj\")") from None
     objective = learner["objective"]["name"]
-    kind = XGBOOST_OBJECTIVES.get(objective)
-    if kind is None:
-        raise ConversionError(f"edgepack cannot convert XGBoost models with objective {objective!r}",
-                              f"supported objectives: {', '.join(XGBOOST_OBJECTIVES)}")
-    gradient_booster = learner["gradient_booster"]["name"]
-    if gradient_booster != "gbtree":
-        raise ConversionError(f"{path.name} uses the {gradient_booster} booster; onnxmltools converts gbtree only",
-                              "retrain with booster=\"gbtree\"")
-    if int(learner["learner_model_param"].get("num_target", 1)) != 1:
-        raise ConversionError(f"{path.name} predicts several targets; edgepack converts single-target models",
-                              "train one model per target")
+    kind = _xgboost_kind(path.name, learner)
     # The scikit-learn wrapper, loaded from the same file, is what onnxmltools converts most surely: it
     # carries the objective and classes (a bare Booster makes onnxmltools guess them from the trees).
     model = (xgboost.XGBClassifier if kind == "classifier" else xgboost.XGBRegressor)()
@@ -254,11 +259,128 @@ def _load_xgboost(path: Path) -> SourceModel:
     )
 
 
+def _xgboost_kind(name: str, learner: dict[str, Any]) -> str:
+    """"classifier" or "regressor" for a learner (``save_config()["learner"]``) onnxmltools converts."""
+    objective = learner["objective"]["name"]
+    kind = XGBOOST_OBJECTIVES.get(objective)
+    if kind is None:
+        raise ConversionError(f"edgepack cannot convert XGBoost models with objective {objective!r}",
+                              f"supported objectives: {', '.join(XGBOOST_OBJECTIVES)}")
+    gradient_booster = learner["gradient_booster"]["name"]
+    if gradient_booster != "gbtree":
+        raise ConversionError(f"{name} uses the {gradient_booster} booster; onnxmltools converts gbtree only",
+                              "retrain with booster=\"gbtree\"")
+    if int(learner["learner_model_param"].get("num_target", 1)) != 1:
+        raise ConversionError(f"{name} predicts several targets; edgepack converts single-target models",
+                              "train one model per target")
+    return kind
+
+
 def _xgboost_outputs(model: Any, kind: str, rows: np.ndarray) -> list[np.ndarray]:
     table = rows.reshape(len(rows), -1)
     if kind == "classifier":
         return [np.asarray(model.predict(table)), np.asarray(model.predict_proba(table))]
     return [np.asarray(model.predict(table)).reshape(len(rows), 1)]
+
+
+# -- the scikit-learn API, inside scikit-learn models -----------------------------------------------
+
+# What skl2onnx learns to convert, by the estimator's full type name: onnxmltools' converter for the
+# framework and skl2onnx's shape calculator for the kind (the mechanism skl2onnx documents in
+# "Convert a pipeline with a LightGBM classifier" / "... with a XGBoost model").
+SKLEARN_API_TYPES = {
+    "lightgbm.sklearn.LGBMClassifier": "classifier",
+    "lightgbm.sklearn.LGBMRegressor": "regressor",
+    "xgboost.sklearn.XGBClassifier": "classifier",
+    "xgboost.sklearn.XGBRegressor": "regressor",
+}
+# The parser options a classifier's converter accepts: zipmap=False gives a probability tensor.
+CLASSIFIER_OPTIONS = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
+_registered: set[type] = set()
+
+
+def is_sklearn_api(estimator: Any) -> bool:
+    """A LightGBM or XGBoost estimator (any of them, a ranker too), told without importing either."""
+    return type(estimator).__module__.split(".")[0] in ("lightgbm", "xgboost")
+
+
+def _type_name(estimator: Any) -> str:
+    return f"{type(estimator).__module__}.{type(estimator).__qualname__}"
+
+
+def _framework(estimator: Any) -> str:
+    return "LightGBM" if type(estimator).__module__.startswith("lightgbm") else "XGBoost"
+
+
+def check_sklearn_api(estimator: Any) -> None:
+    """Refuse, before converting, what onnxmltools would convert wrongly or not at all: the native
+    files' objective checks, applied to the estimator's booster."""
+    name = type(estimator).__name__
+    expected = SKLEARN_API_TYPES.get(_type_name(estimator))
+    if expected is None:
+        raise ConversionError(f"edgepack cannot convert {name} ({_framework(estimator)}'s scikit-learn API)",
+                              "supported: LGBMClassifier, LGBMRegressor, XGBClassifier, XGBRegressor")
+    try:
+        if _framework(estimator) == "LightGBM":
+            booster = estimator.booster_
+            kind = _lightgbm_kind(name, str(booster.dump_model(num_iteration=1).get("objective", "")),
+                                  bool(booster.params.get("linear_tree")))
+        else:
+            kind = _xgboost_kind(name, json.loads(estimator.get_booster().save_config())["learner"])
+    except ConversionError:
+        raise
+    except Exception as err:  # NotFittedError, LightGBMError, XGBoostError: the estimator was never fitted
+        raise InputError(f"the {name} in the model is not fitted ({_first_line(err)})",
+                         "save the estimator after calling fit") from None
+    if kind != expected:
+        raise ConversionError(f"{name} was trained with a {kind}'s objective; its predictions would not match ONNX",
+                              f"use {'LGBM' if _framework(estimator) == 'LightGBM' else 'XGB'}"
+                              f"{'Classifier' if kind == 'classifier' else 'Regressor'} for this objective")
+
+
+def sklearn_api_versions(estimators: list[Any]) -> dict[str, str]:
+    """The versions a SourceModel records; UnsupportedHere (with the install hint) without onnxmltools."""
+    versions = {}
+    for estimator in estimators:
+        framework = _framework(estimator)
+        versions[framework.lower()] = _require(framework.lower(), framework).__version__
+        versions["onnxmltools"] = _require("onnxmltools", framework).__version__
+    return versions
+
+
+def register_sklearn_api(estimators: list[Any]) -> None:
+    """Teach skl2onnx onnxmltools' converters for these estimators' types, once per type and process."""
+    for estimator in estimators:
+        cls = type(estimator)
+        if cls in _registered:
+            continue
+        framework = _framework(estimator)
+        _require("onnxmltools", framework)
+        from skl2onnx import update_registered_converter
+        from skl2onnx.common.shape_calculator import (
+            calculate_linear_classifier_output_shapes,
+            calculate_linear_regressor_output_shapes,
+        )
+
+        if framework == "LightGBM":
+            from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm as convert
+        else:
+            from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost as convert
+        alias = f"{'LightGbm' if framework == 'LightGBM' else 'XGBoost'}{cls.__name__}"  # skl2onnx's names
+        if SKLEARN_API_TYPES[_type_name(estimator)] == "classifier":
+            update_registered_converter(cls, alias, calculate_linear_classifier_output_shapes, convert,
+                                        options=CLASSIFIER_OPTIONS)
+        else:
+            update_registered_converter(cls, alias, calculate_linear_regressor_output_shapes, convert)
+        _registered.add(cls)
+
+
+def without_feature_names(estimator: Any) -> None:
+    """onnxmltools maps XGBoost splits to columns by the names f0, f1, ...; a model fitted on a named
+    table (a DataFrame) names them otherwise. edgepack feeds unnamed columns in order: drop the names
+    (on the copy that is converted)."""
+    if _framework(estimator) == "XGBoost":
+        estimator.get_booster().feature_names = None
 
 
 # -- shared ------------------------------------------------------------------------------------------

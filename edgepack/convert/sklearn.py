@@ -1,7 +1,13 @@
-"""scikit-learn estimators and pipelines: skops (safe) or pickle/joblib (opt-in) to ONNX via skl2onnx."""
+"""scikit-learn estimators and pipelines: skops (safe) or pickle/joblib (opt-in) to ONNX via skl2onnx.
+
+LightGBM and XGBoost estimators of the scikit-learn API (``LGBMClassifier``, ``XGBRegressor``, ...), alone
+or inside pipelines and column transformers, convert too: skl2onnx learns onnxmltools' converters for
+them when a model holds one (``edgepack.convert.boosting.register_sklearn_api``).
+"""
 
 from __future__ import annotations
 
+import copy
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -10,6 +16,14 @@ import numpy as np
 import onnx
 
 from edgepack.convert.base import LoadOptions, OutputKind, SourceModel
+from edgepack.convert.boosting import (
+    check_sklearn_api,
+    is_sklearn_api,
+    register_sklearn_api,
+    sklearn_api_versions,
+    without_feature_names,
+)
+from edgepack.convert.skops_trust import admitted, check_admitted
 from edgepack.samples import Examples
 from edgepack.signature import TensorInfo
 from edgepack.errors import ConversionError, InputError
@@ -45,6 +59,9 @@ class SklearnConverter:
             raise InputError(f"{path.name} holds a {type(model).__name__}, not a fitted estimator",
                              "save the fitted scikit-learn estimator or pipeline")
         kinds = _output_kinds(model)
+        boosters = [leaf for leaf in _leaves(model) if is_sklearn_api(leaf)]
+        for booster in boosters:
+            check_sklearn_api(booster)
         import skl2onnx
 
         return SourceModel(
@@ -58,9 +75,10 @@ class SklearnConverter:
             output_kinds=kinds,
             predict=lambda feed: _reference_outputs(model, kinds, feed[INPUT_NAME]),
             native=model,
-            versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__},
-            converter="skl2onnx",
-            float32_thresholds=any(_is_tree(part) for part in _leaves(model)),
+            versions={"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
+                      **sklearn_api_versions(boosters)},
+            converter="skl2onnx + onnxmltools" if boosters else "skl2onnx",
+            float32_thresholds=any(_is_tree(part) or is_sklearn_api(part) for part in _leaves(model)),
         )
 
     def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
@@ -74,6 +92,13 @@ class SklearnConverter:
             raise InputError(f"scikit-learn models take a table of rows; the sample has shape {list(rows.shape)}",
                              "pass a 2-D sample (rows x features)")
         n_features = rows.shape[1]
+        boosters = [leaf for leaf in _leaves(model) if is_sklearn_api(leaf)]
+        register_sklearn_api(boosters)
+        if boosters:
+            model = copy.deepcopy(model)  # converted without XGBoost's feature names; the original keeps them
+            for leaf in _leaves(model):
+                if is_sklearn_api(leaf):
+                    without_feature_names(leaf)
         unsupported = _unsupported_parts(model)
         if unsupported:
             raise ConversionError(
@@ -101,11 +126,19 @@ class SklearnConverter:
             raise ConversionError(f"skl2onnx has no converter for a part of {source.estimator}",
                                   f"see {SUPPORTED_LIST}") from err
         except Exception as err:  # skl2onnx reports option and shape problems with many types
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConversionError(
-                f"skl2onnx failed on {source.estimator}: {reason}",
+                f"skl2onnx failed on {source.estimator}: {_innermost_reason(err)}",
                 f"check the estimator's options against {SUPPORTED_LIST}; run with --debug for the traceback",
             ) from err
+
+
+def _innermost_reason(err: BaseException) -> str:
+    """The first line of the innermost error: skl2onnx wraps e.g. onnx's TypeError in a ValueError
+    whose first line prints the node's attributes."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
 def describe(model: Any) -> str:
@@ -123,7 +156,9 @@ def _load_skops(path: Path, trust: tuple[str, ...]) -> Any:
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as err:
         raise InputError(f"{path.name} is not a readable skops file ({err})",
                          "re-save the model with skops.io.dump") from None
-    refused = [name for name in untrusted if name not in trust]
+    # scikit-learn's own internal types that skops rebuilds from plain data need no --trust
+    # (edgepack/convert/skops_trust.py says why, type by type); their content is checked once loaded.
+    vouched, refused = admitted(untrusted, trust)
     if refused:
         flags = " ".join(f"--trust {name}" for name in refused)
         raise InputError(
@@ -131,10 +166,12 @@ def _load_skops(path: Path, trust: tuple[str, ...]) -> Any:
             f"review them, then pass {flags}",
         )
     try:
-        return sio.load(path, trusted=list(untrusted))
+        model = sio.load(path, trusted=list(untrusted))
     except Exception as err:  # skops raises many kinds of errors on a corrupt payload
         raise InputError(f"{path.name} could not be loaded by skops ({type(err).__name__}: {err})",
                          "re-save the model with skops.io.dump") from None
+    check_admitted(model, vouched, path.name)
+    return model
 
 
 def _load_pickle(path: Path) -> Any:
