@@ -36,10 +36,11 @@ _CLASS_KINDS = ("label", "probabilities", "logits", "unknown")
 @dataclass(frozen=True)
 class GateSettings:
     min_agreement: float = 0.99  # labels, argmax positions, mask pixels; mean cosine of embeddings
-    # Worst channel's RMSE over its own spread. Measured on real detectors and recognizers
-    # (benchmarks/real_models.py): accurate int8 variants stay below 0.1 in every channel, while a
-    # collapsed score channel sits near 1.
-    max_channel_error: float = 0.15
+    # Worst channel's RMSE over its own spread (benchmarks/real_models.py). Accurate variants stay
+    # well below: digits CNN logits 0.01-0.02 with accuracy unchanged, the tiny detector's
+    # int8-dynamic 0.04 with recall unchanged, fp16 of a YOLOv8 graph 0.016. Its int8-static scored
+    # 0.13 on a class-score channel and lost 3.8 points of recall; collapsed score channels sit near 1.
+    max_channel_error: float = 0.1
     max_accuracy_drop: float = 1.0  # points of accuracy (or of a --metric), or percent of RMSE
 
 

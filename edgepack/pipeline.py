@@ -38,7 +38,7 @@ from edgepack.quantize import Variant, canonicalize, optimize_fp32
 from edgepack.reporting import Reporter, SilentReporter
 from edgepack.runtime.bundle import verify_archive
 from edgepack.runtime.files import write_atomic
-from edgepack.runtime.session import create_session
+from edgepack.runtime.session import create_session, quiet_run
 from edgepack.samples import Examples
 from edgepack.select import Locked, Selection, VariantRow, choose_variant
 from edgepack.signature import Signature, from_onnx
@@ -236,7 +236,7 @@ def _parity_runs(source: SourceModel, fp32: Path, sample: Examples) -> tuple[lis
                              f"{type(err).__name__}: {' '.join(str(err).split())[:500]}",
                              "give a sample it takes (--sample), or ranges for generated inputs "
                              "(--input-range NAME=LOW:HIGH)") from err
-        converted.append(session.run(None, feed))
+        converted.append(session.run(None, feed, quiet_run()))
         original.append(expected)
     if original and len(original[0]) != len(converted[0]):
         raise ConversionError(f"the original gives {len(original[0])} outputs and the ONNX model "
@@ -280,7 +280,7 @@ def _first_outputs(model: Path, inputs: Inputs) -> list[np.ndarray]:
     """fp32's outputs on the first run of the evaluation data: what a task metric can read."""
     examples = inputs.validation.examples if inputs.validation is not None else inputs.sample
     session, _ = create_session(model, threads=1)
-    return session.run(None, next(examples.chunks(PARITY_CHUNK)))
+    return session.run(None, next(examples.chunks(PARITY_CHUNK)), quiet_run())
 
 
 @dataclass

@@ -87,7 +87,9 @@ def render_build(console: Console, result: Any) -> None:
                   + escape("; ".join(d.describe() for d in parity.outputs)), soft_wrap=True)
     render_variants(console, result.variants, result.profile.name, result.metric_basis)
     latency = Table(title="Chosen variant per profile", title_justify="left")
-    for column in ("profile", "p50 ms", "p99 ms", "throughput/s", "limits here"):
+    rows = [result.profile.name, *result.not_measured]
+    latency.add_column("profile", no_wrap=True, min_width=max(len(name) for name in rows))  # names stay whole
+    for column in ("p50 ms", "p99 ms", "throughput/s", "limits here"):
         latency.add_column(column)
     if result.bench:
         limits = ", ".join(f"{k}: {v.split(' (')[0]}" for k, v in result.bench["limits"].items())

@@ -145,7 +145,7 @@ def read_validation(path: Path, inputs: tuple[TensorInfo, ...], label_column: st
         targets = {name: array for name, array in arrays.items() if name not in input_names}
         labels = targets.pop("y", None)
         with _role("validation data"):
-            examples = conform({name: arrays[name] for name in input_names}, inputs, path.name)
+            examples = conform({name: arrays[name] for name in input_names if name in arrays}, inputs, path.name)
         if labels is None and labels_required:
             raise InputError(f"{path}: no labels: the .npz has no array y",
                              "save it with numpy.savez(path, X=rows, y=labels), or give --metric")
@@ -254,6 +254,12 @@ def conform(arrays: dict[str, np.ndarray], inputs: tuple[TensorInfo, ...], origi
     layouts = {tensor.name: _layout(tensor, arrays[tensor.name], origin) for tensor in inputs}
     stacked = set(layouts.values()) == {"feeds"}
     if len(set(layouts.values())) > 1:
+        for tensor in inputs:  # one array of one more rank that is no stack of feeds is simply misshapen
+            array = np.asarray(arrays[tensor.name])
+            if layouts[tensor.name] == "feeds" and not _fits(tensor.dims, array.shape[1:]):
+                raise InputError(f"{origin}: input {tensor.name!r} takes {len(tensor.dims)} dimensions "
+                                 f"{dims_text(tensor.dims)}, the array has shape {list(array.shape)}",
+                                 _rank_hint(tensor, array))
         raise InputError(f"{origin}: some arrays are one feed and others several stacked feeds "
                          f"({', '.join(f'{n}: {v}' for n, v in layouts.items())})",
                          "stack all inputs the same way: each array as the model takes it, or all with one more leading axis")
@@ -321,6 +327,10 @@ def _check_dims(tensor: TensorInfo, shape: tuple[int, ...], origin: str) -> None
                      _layout_hint(tensor.dims, shape))
 
 
+def _fits(dims: tuple[Dim, ...] | None, shape: tuple[int, ...]) -> bool:
+    return dims is None or (len(dims) == len(shape) and all(is_symbolic(d) or d == n for d, n in zip(dims, shape)))
+
+
 def _layout_hint(dims: tuple[Dim, ...], shape: tuple[int, ...]) -> str:
     """Say so when the sample is the channels-last form of a channels-first input (NHWC for NCHW)."""
     if len(dims) >= 3 and len(shape) == len(dims) and not is_symbolic(dims[1]):
@@ -338,7 +348,9 @@ def _cast(tensor: TensorInfo, array: np.ndarray, origin: str) -> np.ndarray:
         array = array.reshape(-1, 1)
     where = f"{origin}: input {tensor.name!r}"
     kind = array.dtype.kind
-    target = tensor.dtype or ("float32" if kind in "fiub" else _TEXT)
+    # A model that records no dtype (a torch module) takes the sample's: integer ids stay integers,
+    # floats become float32 (what torch layers hold).
+    target = tensor.dtype or ("float32" if kind == "f" else array.dtype.name if kind in "iub" else _TEXT)
     if target == _TEXT:
         if kind not in "US":
             raise InputError(f"{where} takes text, the array holds {array.dtype}", "give an array of strings")

@@ -25,7 +25,7 @@ from edgepack.output_kinds import OutputKind
 from edgepack.quantize import VARIANTS, VARIANTS_FOR_MODE, QuantizeConfig, QuantizeMode, Variant, make_variants, \
     sensitive_nodes
 from edgepack.reporting import Reporter
-from edgepack.runtime.session import create_session
+from edgepack.runtime.session import create_session, quiet_run
 from edgepack.samples import Examples
 from edgepack.speed import FASTER_MARGIN, RatioInterval, Speed, judge, paired_interval, separable
 
@@ -259,7 +259,8 @@ def run_model(model: Path, examples: Examples) -> list[list[np.ndarray]]:
     # One thread: figures must not depend on how the host splits reductions.
     session, _ = create_session(model, threads=1)
     try:
-        return [session.run(None, feed) for feed in examples.chunks(EVAL_CHUNK)]
+        quiet = quiet_run()
+        return [session.run(None, feed, quiet) for feed in examples.chunks(EVAL_CHUNK)]
     except Exception as err:  # onnxruntime refuses inputs in many ways
         text = " ".join(str(err).split())
         raise InputError(f"{model.name} cannot run on {examples.describe()}: {text}",

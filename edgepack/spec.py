@@ -74,7 +74,7 @@ class BuildSpec:
         if not 0 <= self.min_agreement <= 1:
             raise InputError(f"--min-agreement must be within 0..1, got {self.min_agreement}", "e.g. 0.99")
         if not self.max_channel_error >= 0:
-            raise InputError(f"--max-channel-error must be >= 0, got {self.max_channel_error}", "e.g. 0.15")
+            raise InputError(f"--max-channel-error must be >= 0, got {self.max_channel_error}", "e.g. 0.1")
         if self.input_dtype not in ("float32", "float64", "float16", "int64", "int32", "uint8", "bool"):
             raise InputError(f"--input-dtype {self.input_dtype!r} is not supported",
                              "use float32, float64, float16, int64, int32, uint8 or bool")

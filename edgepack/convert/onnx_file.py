@@ -7,6 +7,7 @@ from pathlib import Path
 from edgepack.convert.base import LoadOptions, SourceModel, record_converter
 from edgepack.errors import InputError, UnsupportedHere
 from edgepack.runtime.bundle import sha256_file
+from edgepack.runtime.session import quiet_run
 from edgepack.samples import Examples
 from edgepack.signature import from_onnx
 
@@ -47,13 +48,14 @@ class OnnxConverter:
         import onnxruntime as ort
 
         reference = _session(path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        quiet = quiet_run()
         return SourceModel(
             framework="onnx", file_format="onnx", path=path, sha256=sha256_file(path),
             estimator=f"ONNX graph {model.graph.name or '(unnamed)'} (opset {opset}, {len(model.graph.node)} nodes)",
             inputs=signature.inputs,
             output_kinds=None,  # an ONNX file says nothing of what its outputs mean: the rule decides
             # The reference is the file as given, run without graph optimizations.
-            predict=lambda feed: reference.run(None, feed),
+            predict=lambda feed: reference.run(None, feed, quiet),
             native=model, versions={"onnx": onnx.__version__, "onnxruntime": ort.__version__},
             converter="onnx (as given)",
         )

@@ -54,6 +54,14 @@ def create_session(
     return session, time.perf_counter() - started
 
 
+def quiet_run() -> ort.RunOptions:
+    """Run options that keep onnxruntime from logging a failed run to stderr: the caller turns the
+    exception, which carries the same reason, into its one-line error."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def numpy_dtype(onnx_type: str) -> Any:
     if onnx_type not in _ORT_TO_NUMPY:
         raise InputError(f"input type {onnx_type} is not supported", "use numeric tensor inputs")
@@ -105,6 +113,8 @@ def resize_rows(feed: dict[str, np.ndarray], axes: dict[str, int | None], batch:
     have = rows_of(feed, axes)
     if have == batch:
         return feed
+    if batch == 1 and all(axes.get(name) is None for name in feed):
+        return feed  # a graph with no batch axis at all (fixed shapes): one feed is one example
     fixed = [name for name, axis in axes.items() if axis is None and feed[name].ndim > 0]
     if have is None or fixed:
         why = (f"input {fixed[0]!r} (shape {list(feed[fixed[0]].shape)}) has no batch axis edgepack can find"
