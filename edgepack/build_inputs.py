@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, replace
 
 import numpy as np
+from pathlib import Path
 
 import edgepack
 from edgepack.bench.profiles import Profile
@@ -132,8 +133,17 @@ def fingerprint(spec: BuildSpec, source: SourceModel, profile: Profile, config: 
         "evaluation": hashlib.sha256(f"{evaluation.examples.digest()} {labels}".encode()).hexdigest(),
         "gates": f"min_agreement={spec.min_agreement:g} max_channel_error={spec.max_channel_error:g} "
                  f"max_accuracy_drop={spec.max_accuracy_drop:g} metric={spec.metric or ''}",
+        "metric_code": _metric_digest(spec.metric),
         "output_kinds": ",".join(k.kind for k in kinds), "batch": str(spec.batch),
     }
+
+
+def _metric_digest(metric: str | None) -> str:
+    """The --metric module's bytes: an edited metric may judge the variants otherwise."""
+    if metric is None:
+        return ""
+    path = Path(metric.rpartition(":")[0])
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
 def describe_inputs(examples: Examples) -> str:

@@ -10,6 +10,7 @@ recorded with: byte-identical bundles, no timing. A changed input is refused wit
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,7 @@ def locked_entry(path: Path, name: str, profile: str, fingerprint: dict[str, str
 
 
 def _short(value: str | None) -> str:
+    """A fingerprint value for a message: digests (alone or inside, e.g. "minmax <sha256>") cut to 12."""
     if value is None:
         return "none"
-    return value[:12] + "…" if len(value) > 16 and all(c in "0123456789abcdef" for c in value) else value
+    return re.sub(r"\b[0-9a-f]{17,}\b", lambda digest: digest.group()[:12] + "…", value)

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from edgepack.runtime.comparison import labels_equal
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -81,10 +83,7 @@ def _compare_labels(ref: np.ndarray, got: np.ndarray, name: str, tol: Tolerance)
     if ref.shape != got.shape:
         return OutputDiff(name, "label", 0.0, 0.0, max(ref.size, got.size), 0.0, False,
                           mismatch=f"{got.size} labels where the original gives {ref.size}")
-    if ref.dtype.kind in "fc" or got.dtype.kind in "fc":
-        same = np.isclose(ref.astype(np.float64), got.astype(np.float64))
-    else:
-        same = ref.astype(str) == got.astype(str)
+    same = labels_equal(ref, got)
     agreement = float(same.mean()) if same.size else 1.0
     flips = int((~same).sum())
     ok = flips == 0 or flips <= tol.max_flip_rate * same.size

@@ -256,3 +256,13 @@ def test_a_graph_without_any_batch_axis_builds(tmp_path):
     result = runner.invoke(app, ["build", str(model), "--sample", str(tmp_path / "pair.npy"),
                                  "--out", str(tmp_path / "dist"), "--bench-time", "0.2"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_pinned_variant_that_fails_the_gate_is_exit_5(tmp_path):
+    model = _boxes_and_scores_model(tmp_path / "head.onnx")
+    np.save(tmp_path / "features.npy", np.random.default_rng(2).normal(size=(8, 40, 16)).astype(np.float32))
+    result = runner.invoke(app, ["build", str(model), "--sample", str(tmp_path / "features.npy"),
+                                 "--variant", "int8-dynamic", "--out", str(tmp_path / "dist")])
+    assert result.exit_code == 5, result.output
+    assert "--variant int8-dynamic fails the accuracy gate: detections" in result.output
+    assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())

@@ -63,16 +63,24 @@ class Agreement:
         elif self.rule in ("argmax", "threshold"):
             same = (ref.astype(np.float64) > self.threshold) == (np.nan_to_num(got.astype(np.float64), nan=-np.inf)
                                                                   > self.threshold)
-        elif ref.dtype.kind in "fc" or got.dtype.kind in "fc":
-            same = np.isclose(ref.astype(np.float64), got.astype(np.float64))
         else:
-            same = ref.astype(str) == got.astype(str)
+            same = labels_equal(ref, got)
         self.agreed += int(np.count_nonzero(same))
         self.total += int(same.size)
 
     @property
     def share(self) -> float:
         return self.agreed / self.total if self.total and self.mismatch is None else (1.0 if not self.total else 0.0)
+
+
+def labels_equal(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Element-wise equality of two label arrays of possibly different dtypes: a scikit-learn model
+    fitted on booleans predicts True/False where its ONNX form gives 1/0; text labels compare as text."""
+    if ref.dtype.kind in "fc" or got.dtype.kind in "fc":
+        return np.isclose(ref.astype(np.float64), got.astype(np.float64))
+    if ref.dtype.kind in "biu" and got.dtype.kind in "biu":
+        return ref.astype(np.int64) == got.astype(np.int64)
+    return ref.astype(str) == got.astype(str)
 
 
 def _argmax(values: np.ndarray) -> np.ndarray:
