@@ -123,14 +123,14 @@ def _with_project_file(ctx: typer.Context, config: Optional[Path], command: str)
     return merge_options(ctx.params, explicit, project, command)  # type: ignore[arg-type]
 
 
-_CONFIG_HELP = "Project file with [build], [bench] and [budgets] (default: ./edgepack.toml when present); flags win over it."
+_CONFIG_HELP = "Project file with \\[build], \\[bench] and \\[budgets] (default: ./edgepack.toml when present); flags win over it."
 
 
 @app.command()
 @error_boundary
 def build(
     ctx: typer.Context,
-    model: Optional[Path] = typer.Argument(None, show_default=False, help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, or .onnx."),
+    model: Optional[Path] = typer.Argument(None, show_default=False, help="Trained model: scikit-learn .skops (.pkl/.joblib with --allow-pickle), PyTorch TorchScript .pt or module.py:factory with --weights, LightGBM .txt, XGBoost .json/.ubj, .onnx, or an MLflow model folder (onnx, sklearn or pytorch flavor)."),
     weights: Optional[Path] = typer.Option(None, help="State dict for a PyTorch model given as module.py:factory."),
     target: str = typer.Option("edge", "--target", "-t", help="edge, cloud, a profile name (see `edgepack profiles`) or a .toml path."),
     sample: Optional[Path] = typer.Option(None, "--sample", "-s", help="Model inputs: .npz keyed by input name (arrays as the model takes them, or several feeds stacked on a leading axis), .npy for a one-input model, or .csv with a header. They fix the signature and drive parity, calibration and benchmarks."),
@@ -174,7 +174,20 @@ def build(
     quiet: bool = typer.Option(False, "--quiet", help="No progress on stderr."),
     config: Optional[Path] = typer.Option(None, "--config", help=_CONFIG_HELP),
 ) -> None:
-    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle (and, for cloud profiles, an OCI image)."""
+    """Convert, check parity, quantize, benchmark and package MODEL into a verified bundle (and, for cloud profiles, an OCI image).
+
+    Examples:
+
+      edgepack build examples/digits_mlp.skops --sample examples/digits_sample.npy --validation examples/digits_validation.npz
+
+      edgepack build model.onnx --sample inputs.npz --output-kind boxes=boxes --metric map.py:mean_ap --validation val.npz
+
+      edgepack build model.onnx --input-shape audio=1x512 --input-shape state=2x1x128 --input-range sr=16000:16000
+
+      edgepack build mlruns/0/models/m-1234/artifacts --target cloud
+
+      edgepack build model.onnx --locked   # in CI: the variant recorded in edgepack.lock, untimed
+    """
     from edgepack.pipeline import build as run_build
     from edgepack.render import ProgressReporter, render_build
     from edgepack.spec import BuildSpec

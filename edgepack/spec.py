@@ -139,5 +139,10 @@ class BuildSpec:
     def bundle_name(self) -> str:
         if self.name:
             return self.name
-        stem = re.sub(r"[^a-z0-9._-]+", "-", model_file(self.model).stem.lower()).strip("-._")
+        path = model_file(self.model)
+        if path.name == "MLmodel":  # an MLflow model named by its description file: the folder names it
+            path = path.parent
+        if path.is_dir() and path.name == "artifacts":  # mlflow 3 logs models as models/<model id>/artifacts
+            path = path.parent
+        stem = re.sub(r"[^a-z0-9._-]+", "-", (path.name if path.is_dir() else path.stem).lower()).strip("-._")
         return stem[:64] or "model"

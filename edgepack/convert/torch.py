@@ -8,6 +8,9 @@ The two forms a model can be given in:
   into it with ``torch.load(weights_only=True)``. Nothing is ever unpickled: a whole model saved
   with ``torch.save(model)`` is refused, not loaded.
 
+MLflow folders (``edgepack.convert.mlflow``) also hold pickled modules and ``torch.export`` archives;
+``load_pickled_module`` and ``load_exported_module`` read those, called only with ``--allow-pickle``.
+
 Export: the dynamo exporter (``torch.export`` + onnxscript) for ``nn.Module`` objects; the
 TorchScript exporter for TorchScript archives (``torch.export`` cannot trace a ScriptModule),
 where onnxscript is missing, for opsets below 18, and as the fallback when dynamo fails.
@@ -90,7 +93,7 @@ class TorchConverter:
         if model_file(path) == path and path.suffix.lower() == ".py":
             raise InputError(f"{path.name}: name the function in it that builds the model",
                              f"pass {path.name}:FACTORY --weights state_dict.pt, naming the function that returns the nn.Module")
-        torch = _import_torch()
+        _import_torch()  # a missing torch extra is said before anything is read
         if model_file(path) != path:
             model, digest = _load_factory_model(path, options.weights)
             file_format = "module + state dict"
@@ -100,26 +103,7 @@ class TorchConverter:
                                  "carries its own weights", f"drop --weights {options.weights.name}")
             model, digest, file_format = _load_torchscript(path), sha256_file(path), "torchscript"
         model.eval()
-        scripted = isinstance(model, torch.jit.ScriptModule)
-        onnxscript = None if scripted else _import_onnxscript()
-        dynamo = onnxscript is not None
-        versions = {"torch": torch.__version__.split("+")[0]}
-        if onnxscript is not None:
-            versions["onnxscript"] = onnxscript.__version__
-        return SourceModel(
-            framework="pytorch",
-            file_format=file_format,
-            path=path,
-            sha256=digest,
-            estimator=getattr(model, "original_name", None) or type(model).__name__,
-            # Neither form records the inputs' shapes or dtypes; the sample fixes them.
-            inputs=tuple(TensorInfo(name) for name in _input_names(model)),
-            output_kinds=None,
-            predict=lambda feed: _predict(model, feed),
-            native=model,
-            versions=versions,
-            converter=DYNAMO if dynamo else TORCHSCRIPT,
-        )
+        return module_source(model, path, digest, file_format)
 
     def convert(self, source: SourceModel, sample: Examples, opsets: dict[str, int]) -> onnx.ModelProto:
         model, opset = source.native, opsets[""]
@@ -151,6 +135,32 @@ class TorchConverter:
         # exporter wrote it, so a fallback to TorchScript is never hidden.
         record_converter(exported, used)
         return exported
+
+
+def module_source(model: Any, path: Path, digest: str, file_format: str) -> SourceModel:
+    """The source of a module already loaded, in the mode it is exported in: ``TorchConverter.load``
+    puts its modules in eval mode; a ``torch.export`` program's module keeps the mode it was traced
+    in (it refuses ``eval()``). ``edgepack.convert.mlflow`` loads the modules an MLflow folder holds."""
+    torch = _import_torch()
+    scripted = isinstance(model, torch.jit.ScriptModule)
+    onnxscript = None if scripted else _import_onnxscript()
+    versions = {"torch": torch.__version__.split("+")[0]}
+    if onnxscript is not None:
+        versions["onnxscript"] = onnxscript.__version__
+    return SourceModel(
+        framework="pytorch",
+        file_format=file_format,
+        path=path,
+        sha256=digest,
+        estimator=getattr(model, "original_name", None) or type(model).__name__,
+        # No form records the inputs' shapes or dtypes; the sample (or an MLflow signature) fixes them.
+        inputs=tuple(TensorInfo(name) for name in _input_names(model)),
+        output_kinds=None,
+        predict=lambda feed: _predict(model, feed),
+        native=model,
+        versions=versions,
+        converter=TORCHSCRIPT if onnxscript is None else DYNAMO,
+    )
 
 
 def _input_names(model: Any) -> list[str]:
@@ -250,7 +260,7 @@ def _import_module(path: Path) -> ModuleType:
 
 def _read_state_dict(path: Path) -> Mapping[str, Any]:
     torch = _import_torch()
-    if _is_torchscript(path):
+    if is_torchscript(path):
         raise InputError(f"--weights {path.name} is a TorchScript model, not a state dict",
                          f"build it on its own, without --weights: edgepack build {path.name}")
     try:
@@ -289,7 +299,7 @@ def _load_weights(model: Any, state: Mapping[str, Any], weights_name: str, built
 
 def _load_torchscript(path: Path) -> Any:
     torch = _import_torch()
-    if not _is_torchscript(path):
+    if not is_torchscript(path):
         save_it = ("save the model with torch.jit.save(torch.jit.script(model), path), or pass "
                    "module.py:factory --weights state_dict.pt")
         try:
@@ -312,7 +322,33 @@ def _load_torchscript(path: Path) -> Any:
                          "save it again with torch.jit.save") from None
 
 
-def _is_torchscript(path: Path) -> bool:
+def load_pickled_module(path: Path) -> Any:
+    """A whole module saved with ``torch.save(model)``, in eval mode. This unpickles, which runs code:
+    the caller has the user's leave (``--allow-pickle``)."""
+    torch = _import_torch()
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # unpickling fails in arbitrary ways (a class that does not import here)
+        raise InputError(f"{path.name} could not be unpickled ({_reason(err)})",
+                         "run edgepack where the model's classes import, or save the model as TorchScript") from None
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"{path.name} holds a {type(module).__name__}, not a torch.nn.Module",
+                         "save the nn.Module itself")
+    return module.eval()
+
+
+def load_exported_module(path: Path) -> Any:
+    """The module of a ``torch.export.save`` archive (``.pt2``), in the mode it was traced in.
+    ``torch.export.load`` unpickles: the caller has the user's leave (``--allow-pickle``)."""
+    torch = _import_torch()
+    try:
+        return torch.export.load(path).module()
+    except Exception as err:  # a damaged or foreign archive fails in many ways
+        raise InputError(f"{path.name} is not a loadable torch.export archive ({_reason(err)})",
+                         "save it again with torch.export.save") from None
+
+
+def is_torchscript(path: Path) -> bool:
     """TorchScript archives are zip files with a ``constants.pkl`` record; torch.save files have none."""
     try:
         with zipfile.ZipFile(path) as archive:
