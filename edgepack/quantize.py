@@ -137,7 +137,12 @@ def make_variant(name: str, fp32_path: Path, workdir: Path, config: QuantizeConf
     model = onnx.load(target, load_external_data=False)
     if kind.int8 and not operators(model.graph) & _QUANTIZED_OPS:
         target.unlink()
-        return Variant(name, None, "the quantizer left every operator in float", note=note)
+        # Nothing came out int8: the variant would be fp32 again. Say why where it is known.
+        top_level = {node.op_type for node in source.graph.node}
+        where = (" (its quantizable operators sit inside If/Loop subgraphs, which it leaves alone)"
+                 if not top_level & _QUANTIZABLE_OPS else "")
+        return Variant(name, None, f"not applicable: the quantizer left every operator in float{where}",
+                       note=note, not_applicable=True)
     canonicalize(model)
     target.write_bytes(model.SerializeToString())
     if reason := _load_error(target, workdir):

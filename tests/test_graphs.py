@@ -266,3 +266,26 @@ def test_a_pinned_variant_that_fails_the_gate_is_exit_5(tmp_path):
     assert result.exit_code == 5, result.output
     assert "--variant int8-dynamic fails the accuracy gate: detections" in result.output
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").iterdir())
+
+
+def test_quantizable_operators_only_inside_a_subgraph_are_not_applicable(tmp_path):
+    """onnxruntime's quantizers leave an If's branches alone (a stateful model's Convs often sit
+    there): the int8 variants would be fp32 again, and say so."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "W")
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, ["batch", 4])])
+    other = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y_mul"]),
+                               helper.make_node("Neg", ["y_mul"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, ["batch", 4])])
+    graph = helper.make_graph([helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=other)],
+                              "branches", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], [weights])
+    model = _save(graph, tmp_path / "branches.onnx")
+    np.savez(tmp_path / "sample.npz", x=rng.normal(size=(16, 8)).astype(np.float32), flag=np.array(True))
+    result = build(BuildSpec(model=model, sample=tmp_path / "sample.npz", out=tmp_path / "dist",
+                             quantize="int8-dynamic", bench_time_s=0.2))
+    row = next(row for row in result.variants if row.name == "int8-dynamic")
+    assert row.code.value == "not-applicable" and "inside If/Loop subgraphs" in row.reason, row.reason
+    assert result.manifest.variant == "fp32"

@@ -76,17 +76,6 @@ def median_round(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return {**middle, "rounds_p50_ms": [report["p50_ms"] for report in reports]}
 
 
-def paired_ratio(candidate: dict[str, Any], baseline: dict[str, Any]) -> float:
-    """Median over rounds of candidate p50 / baseline p50, each pair measured back to back.
-
-    Load on a shared host comes in bursts that last seconds; a burst lifts both halves of a pair,
-    so their ratio stays true where a ratio of overall medians would not.
-    """
-    pairs = sorted(a / b for a, b in zip(candidate["rounds_p50_ms"], baseline["rounds_p50_ms"]))
-    middle = len(pairs) // 2
-    return pairs[middle] if len(pairs) % 2 else (pairs[middle - 1] + pairs[middle]) / 2
-
-
 def compare_onnx(models: dict[str, Path], sample: dict[str, np.ndarray] | None, profile: Profile,
                  settings: BenchSettings, rounds: int = 5,
                  progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EdgepackError, InputError
 from .repeat import Config, run_repeated
-from .timing import LoopConfig, summarize, time_concurrent, time_runs
+from .timing import LoopConfig, summarize, time_concurrent, time_runs, warm_up
 
 if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_PROCESSES = 5
+ROUND_MIN_RUNS = 5  # timed runs per model and round of a comparison, at the least
 
 
 @dataclass(frozen=True)
@@ -181,15 +182,20 @@ def compare_models(
         per_model[name] = {"session_create_ms": create_s * 1000,
                            "first_inference_ms": (time.perf_counter() - started) * 1000,
                            "model_bytes": path.stat().st_size, "input_source": source}
-    # Rounds, not a confidence target, give the comparison its precision: each round's share is fixed.
-    share = LoopConfig(warmup_runs=config.warmup_runs, warmup_s=config.warmup_s / rounds,
-                       max_warmup_s=config.max_warmup_s / rounds, min_runs=max(config.min_runs // rounds, 10),
+    # Each model warms up once, here; a round only re-touches its memory with one untimed run (a
+    # 30 ms model warming up each round spent most of a build's timing there).
+    for run in sessions.values():
+        warm_up(run, config)
+    # Rounds, not a confidence target, give the comparison its precision: each round's time share
+    # is fixed, with a few runs at least (the spread between rounds is what the interval measures).
+    share = LoopConfig(warmup_runs=0, warmup_s=0.0, max_warmup_s=0.0, min_runs=ROUND_MIN_RUNS,
                        min_time_s=config.min_time_s / rounds, max_time_s=config.max_time_s / rounds, target_ci=None)
     samples: dict[str, list[list[int]]] = {name: [] for name in models}
     order = list(sessions)
     for number in range(rounds):
         for name in order[number % len(order):] + order[:number % len(order)]:
-            samples[name].append(time_runs(sessions[name], share).samples)
+            sessions[name]()
+            samples[name].append(time_runs(sessions[name], share, warm=False).samples)
         if progress:
             medians = {name: summarize(by_round[-1], batch)["p50_ms"] for name, by_round in samples.items()}
             print(json.dumps({"progress": {"round": number + 1, "rounds": rounds, "p50_ms": medians}}),

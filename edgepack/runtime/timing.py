@@ -43,7 +43,7 @@ _SETTLED = 0.05  # warm-up ends when two consecutive block medians are this clos
 _Z95 = 1.96
 
 
-def time_runs(run: Callable[[], object], config: LoopConfig) -> TimedRuns:
+def time_runs(run: Callable[[], object], config: LoopConfig, warm: bool = True) -> TimedRuns:
     """Warm up until the median settles, then time ``run`` until the median is known well enough.
 
     Warm-up goes in blocks until two consecutive block medians agree within 5% (after at least
@@ -52,7 +52,7 @@ def time_runs(run: Callable[[], object], config: LoopConfig) -> TimedRuns:
     within ``target_ci``, or ``max_time_s`` ends. Checks happen between runs, never inside the
     timed region, at geometrically spaced counts so their cost stays small.
     """
-    warmed, settled = warm_up(run, config)
+    warmed, settled = warm_up(run, config) if warm else (0, True)  # warm=False: the caller warmed it up
     clock = time.perf_counter_ns
     samples: list[int] = []
     record = samples.append
