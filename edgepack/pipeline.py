@@ -44,7 +44,8 @@ from edgepack.select import Locked, Selection, VariantRow, choose_variant
 from edgepack.signature import Signature, from_onnx
 from edgepack.spec import BuildSpec
 
-BENCH_ROWS = 16  # sample rows shipped in the bundle for the on-device benchmark
+BENCH_ROWS = 16  # sample rows shipped in the bundle for the on-device benchmark...
+BENCH_BYTES = 1 << 20  # ...fewer where 16 would be larger than this
 # Tree ensembles in ONNX compare float32 thresholds; this share of samples may flip a split.
 TREE_FLIP_RATE = 0.01
 
@@ -120,7 +121,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
 
         reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
         model_bytes = selection.chosen_path.read_bytes()
-        bench_feed = converted.inputs.sample.bench_feed(BENCH_ROWS)
+        bench_feed = converted.inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES)
         files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_feed),
                                       **(wheels.files() if wheels else {})})
         quantization = entry.quantization if spec.locked and entry else quantization_block(facts)
@@ -263,7 +264,7 @@ def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: P
     budgets = spec.budgets.merged_with(profile)
     time_chosen = not spec.locked or bool(budgets.max_p99_ms or budgets.max_memory_mb)
     selection = choose_variant(converted.fp32, names, kinds, [o.dims for o in signature.outputs], evaluation,
-                               inputs.sample.bench_feed(BENCH_ROWS), profile, select_options(spec, time_chosen),
+                               inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES), profile, select_options(spec, time_chosen),
                                config, workdir, reporter, locked)
     facts = BuildFacts(spec, profile, converted.source, signature, converted.kinds, inputs.sample, converted.parity,
                        selection, config)

@@ -78,8 +78,13 @@ class Examples:
             return replace(self, arrays={name: array[:count] for name, array in self.arrays.items()})
         return replace(self, arrays=self._rows(0, min(count, self.count)))
 
-    def bench_feed(self, rows: int) -> dict[str, np.ndarray]:
-        """What a bundle keeps for its benchmark and warm-up: up to ``rows`` rows, or the first feed."""
+    def bench_feed(self, rows: int, max_bytes: int | None = None) -> dict[str, np.ndarray]:
+        """What a bundle keeps for its benchmark and warm-up: up to ``rows`` rows (fewer where that
+        many would pass ``max_bytes``: 16 images of 3x224x224 are 9.6 MB; the benchmark repeats
+        rows to make a larger batch), or the first feed."""
+        if max_bytes is not None and not self.stacked and self.count:
+            per_row = sum(array.nbytes for array in self.arrays.values()) / self.count
+            rows = max(1, min(rows, int(max_bytes // max(per_row, 1))))
         return next(self.chunks(rows))
 
     def digest(self) -> str:

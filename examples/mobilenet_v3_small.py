@@ -6,14 +6,18 @@ inverted residual blocks with depthwise convolutions, squeeze-and-excitation and
 2.5 M parameters with the ImageNet head (a ~10 MB fp32 ONNX file), random weights seeded by
 `make_model` (the architecture is what a build exercises: its operators, sizes and speed).
 
-    edgepack build examples/mobilenet_v3_small.py:make_model --weights mobilenet.pt --input-shape input=1x3x224x224
-    python examples/mobilenet_v3_small.py mobilenet.pt   # writes the seeded weights
+    python examples/mobilenet_v3_small.py mobilenet.pt photos.npy   # seeded weights, 16 photo crops
+    edgepack build examples/mobilenet_v3_small.py:make_model --weights mobilenet.pt --sample photos.npy
+
+The weights are random (seeded), with BatchNorm statistics measured on crops of scikit-learn's
+sample photos, so the logits depend on the image (``calibrate_batch_norm``).
 """
 
 from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -108,5 +112,42 @@ def make_model() -> nn.Module:
     return model.eval()
 
 
-if __name__ == "__main__":
-    torch.save(make_model().state_dict(), sys.argv[1] if len(sys.argv) > 1 else "mobilenet.pt")
+def calibrate_batch_norm(model: nn.Module, batches: int = 4, size: int = 16, seed: int = 0) -> nn.Module:
+    """Set every BatchNorm's running statistics from crops of scikit-learn's two sample photos.
+
+    With random weights and BatchNorm's initial statistics (mean 0, variance 1) the activations
+    shrink layer by layer: every image gets the same ~1e-9 logits, and no accuracy gate could see a
+    variant go wrong. Statistics measured on real pixels keep each layer's activations at unit
+    scale, so the logits depend on the image, as a trained network's do.
+    """
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # two 427 x 640 RGB images
+    rng = np.random.default_rng(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a plain average over the batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.from_numpy(photo_crops(photos, size, rng)))
+    return model.eval()
+
+
+def photo_crops(photos: list[np.ndarray], count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` random 224x224 crops, NCHW float32, normalised as ImageNet models take them."""
+    crops = []
+    for _ in range(count):
+        photo = photos[rng.integers(len(photos))]
+        y, x = rng.integers(0, photo.shape[0] - 224), rng.integers(0, photo.shape[1] - 224)
+        crops.append(photo[y:y + 224, x:x + 224].transpose(2, 0, 1) / 255.0)
+    return ((np.stack(crops) - 0.45) / 0.225).astype(np.float32)
+
+
+if __name__ == "__main__":  # python examples/mobilenet_v3_small.py WEIGHTS.pt [SAMPLE.npy]
+    torch.save(calibrate_batch_norm(make_model()).state_dict(), sys.argv[1] if len(sys.argv) > 1 else "mobilenet.pt")
+    if len(sys.argv) > 2:
+        from sklearn.datasets import load_sample_images
+
+        np.save(sys.argv[2], photo_crops(load_sample_images().images, 16, np.random.default_rng(1)))
