@@ -98,6 +98,14 @@ def locked_entry(path: Path, name: str, profile: str, fingerprint: dict[str, str
     return entry
 
 
+def matching_entry(path: Path, name: str, profile: str, fingerprint: dict[str, str]) -> LockEntry | None:
+    """The entry a default build reuses: one made from these very inputs, else None."""
+    if not path.is_file():
+        return None
+    entry = read_lock(path).entries.get(entry_key(name, profile))
+    return entry if entry is not None and entry.fingerprint == fingerprint else None
+
+
 def _short(value: str | None) -> str:
     """A fingerprint value for a message: digests (alone or inside, e.g. "minmax <sha256>") cut to 12."""
     if value is None:

@@ -24,9 +24,9 @@ from edgepack.build_manifest import BuildFacts, bench_report, build_manifest, qu
 from edgepack.convert.base import LoadOptions, SourceModel, recorded_converter
 from edgepack.convert.opsets import clamp_ir_version, support_for
 from edgepack.convert.registry import converter_for
-from edgepack.errors import ConversionError, InputError, ParityError
+from edgepack.errors import ConversionError, EdgepackError, InputError, ParityError
 from edgepack.gates import join_runs
-from edgepack.lockfile import LockEntry, locked_entry, record
+from edgepack.lockfile import LockEntry, locked_entry, matching_entry, record
 from edgepack.manifest import Manifest
 from edgepack.output_kinds import ResolvedKind
 from edgepack.package.bundle import assemble, payload_with_runtime
@@ -113,7 +113,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
     with tempfile.TemporaryDirectory(prefix="edgepack-build-") as tmp:
         workdir = Path(tmp)
         converted = _convert(spec, profile, workdir, reporter)
-        selection, facts, entry = _select(spec, profile, converted, workdir, reporter)
+        selection, facts, entry, reused = _select(spec, profile, converted, workdir, reporter)
         not_measured = {p.name: f"{p.arch} profile: benchmark it on the device"
                         for p in all_profiles() if p.kind == profile.kind and not p.runnable_here()}
         budgets = spec.budgets.merged_with(profile)
@@ -124,7 +124,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
         bench_feed = converted.inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES)
         files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_feed),
                                       **(wheels.files() if wheels else {})})
-        quantization = entry.quantization if spec.locked and entry else quantization_block(facts)
+        quantization = entry.quantization if reused and entry else quantization_block(facts)
         manifest = build_manifest(facts, model_bytes, files, wheels, quantization)
         root, archive = assemble(files, manifest)
         check_size(len(archive), budgets)
@@ -145,7 +145,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
                                      f"{image_result.archive.name}")
         reporter.finish("package", f"{bundle} ({len(archive) / 1024:.0f} KiB)")
     lock = None
-    if spec.lock is not None and not spec.locked and entry is not None:
+    if spec.lock is not None and not reused and entry is not None:
         lock = record(spec.lock, entry.model_copy(update={"quantization": manifest.quantization}))
     reporter.start("verify", "Verifying the bundle")
     verified = verify_archive(bundle)
@@ -160,7 +160,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
             *(image_result.next_steps if image_result else
               [f"tar xzf {bundle} && cd {root} && python -m runtime.bench   # on the device"]),
         ],
-        image=image_result, lock=lock or (spec.lock if spec.locked else None), locked=spec.locked,
+        image=image_result, lock=lock or (spec.lock if reused else None), locked=reused,
     )
 
 
@@ -246,26 +246,53 @@ def _parity_runs(source: SourceModel, fp32: Path, sample: Examples) -> tuple[lis
 
 
 def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: Path,
-            reporter: Reporter) -> tuple[Selection, BuildFacts, LockEntry | None]:
-    """The variant stage: gated on the validation data (else the sample), timed on sample rows."""
+            reporter: Reporter) -> tuple[Selection, BuildFacts, LockEntry | None, bool]:
+    """The variant stage: gated on the validation data (else the sample), timed on sample rows.
+
+    The decision comes from the lock file with ``--locked`` (which must hold one for these inputs),
+    and also by default when it holds one for these very inputs (``--retime`` measures again):
+    a rebuild then repeats the recorded decision instead of letting timing noise make a new one.
+    Returns the selection, the facts, the lock entry to record (or reused) and whether it was reused.
+    """
     signature, inputs = converted.signature, converted.inputs
     config = calibration_for(spec, signature, inputs.sample, profile)
     kinds = tuple(k.kind for k in converted.kinds)
     names = signature.output_names
     evaluation = evaluation_for(spec, inputs, names, kinds, _first_outputs(converted.fp32.path, inputs))  # type: ignore[arg-type]
     decided_on = fingerprint(spec, converted.source, profile, config, evaluation, converted.kinds, converted.opset)
-    locked = None
     entry: LockEntry | None = None
     if spec.locked:
         assert spec.lock is not None
         entry = locked_entry(spec.lock, spec.bundle_name, profile.name, decided_on)
-        locked = Locked(entry.variant, entry.sha256, tuple(entry.excluded_nodes), entry.variants)
-        config = replace(config, reduce_range=bool(entry.quantization.get("reduce_range", config.reduce_range)))
+    elif spec.lock is not None and spec.variant is None and not spec.retime:
+        entry = matching_entry(spec.lock, spec.bundle_name, profile.name, decided_on)
+    if entry is not None:
+        reporter.start("lock", f"Reading the decision in {spec.lock}")
+        reporter.finish("lock", f"{entry.variant}, recorded for these inputs: made and gated again, not timed"
+                                + ("" if spec.locked else " (--retime decides again)"))
     budgets = spec.budgets.merged_with(profile)
-    time_chosen = not spec.locked or bool(budgets.max_p99_ms or budgets.max_memory_mb)
-    selection = choose_variant(converted.fp32, names, kinds, [o.dims for o in signature.outputs], evaluation,
-                               inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES), profile, select_options(spec, time_chosen),
-                               config, workdir, reporter, locked)
+
+    def select(entry: LockEntry | None) -> Selection:
+        locked, chosen_config = None, config
+        if entry is not None:
+            locked = Locked(entry.variant, entry.sha256, tuple(entry.excluded_nodes), entry.variants)
+            chosen_config = replace(config, reduce_range=bool(entry.quantization.get("reduce_range", config.reduce_range)))
+        time_chosen = entry is None or bool(budgets.max_p99_ms or budgets.max_memory_mb)
+        return choose_variant(converted.fp32, names, kinds, [o.dims for o in signature.outputs], evaluation,
+                              inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES), profile,
+                              select_options(spec, time_chosen), chosen_config, workdir, reporter, locked)
+
+    try:
+        selection = select(entry)
+    except EdgepackError as err:
+        if spec.locked or entry is None:
+            raise
+        # A recorded decision that no longer holds (other bytes from a changed tool): decide again.
+        reporter.start("lock", f"The decision in {spec.lock} no longer holds ({err.message})")
+        reporter.finish("lock", "deciding again")
+        entry = None
+        selection = select(None)
+    reused = entry is not None
     facts = BuildFacts(spec, profile, converted.source, signature, converted.kinds, inputs.sample, converted.parity,
                        selection, config)
     if entry is None:
@@ -274,7 +301,7 @@ def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: P
                           excluded_nodes=list(selection.chosen.excluded_nodes), variants=selection.records,
                           quantization={}, evidence={row.name: row.speed_text for row in selection.rows
                                                      if row.speed_text})
-    return selection, facts, entry
+    return selection, facts, entry, reused
 
 
 def _first_outputs(model: Path, inputs: Inputs) -> list[np.ndarray]:
@@ -309,7 +336,7 @@ def quantize_only(spec: BuildSpec, reporter: Reporter | None = None) -> Quantize
     with tempfile.TemporaryDirectory(prefix="edgepack-quantize-") as tmp:
         workdir = Path(tmp)
         converted = _convert(spec, profile, workdir, reporter)
-        selection, facts, _ = _select(spec, profile, converted, workdir, reporter)
+        selection, facts, _, _ = _select(spec, profile, converted, workdir, reporter)
         stem = spec.bundle_name
         model = _write(spec.out / f"{stem}.{selection.chosen.name}.onnx", selection.chosen_path.read_bytes())
         table = {"model": str(model), "source": spec.model.name, "profile": profile.name,

@@ -43,7 +43,8 @@ class BuildSpec:
     output_kind: tuple[str, ...] = ()  # "NAME=KIND"
     metric: str | None = None  # "module.py:function" scoring variants on --validation
     variant: str | None = None  # pin the variant that ships
-    locked: bool = False  # reuse the decision in `lock` without timing
+    locked: bool = False  # reuse the decision in `lock` without timing; refuse when it holds none
+    retime: bool = False  # decide again even when `lock` holds a decision for these inputs
     lock: Path | None = None  # where the decision is recorded (None: nowhere)
     batch: int = 1
     bench_time_s: float = 0.5
@@ -82,6 +83,8 @@ class BuildSpec:
             raise InputError(f"--variant {self.variant!r} is not a variant", f"choose one of {', '.join(VARIANTS)}")
         if self.locked and self.variant is not None:
             raise InputError("--locked reuses the recorded variant and --variant pins one", "give one of them")
+        if self.locked and self.retime:
+            raise InputError("--locked reuses the recorded decision and --retime makes a new one", "give one of them")
         if self.locked and self.lock is None:
             raise InputError("--locked needs a lock file", "pass --lock edgepack.lock")
         if self.metric is not None and self.validation is None:

@@ -180,3 +180,29 @@ def test_the_convert_line_reports_the_opset_the_bundle_keeps(data_dir, tmp_path)
                                                        if m.name.endswith("/manifest.json"))).read())
     convert_line = next(line for line in result.stderr.splitlines() if line.startswith("✓ convert"))
     assert f"opset {manifest['target']['opset']}, IR {manifest['target']['ir_version']}" in convert_line
+
+
+def test_a_rebuild_of_the_same_inputs_repeats_the_recorded_decision(spec_for, data_dir, tmp_path):
+    """Without --locked, a decision recorded for these very inputs is reused too: timing noise
+    cannot make a second build differ. --retime measures again; other inputs decide afresh."""
+    lock = tmp_path / "edgepack.lock"
+    first = _build(spec_for, lock=lock, out=tmp_path / "first")
+    key = f"{first.manifest.name}@{first.profile.name}"
+    recorded = json.loads(lock.read_text())["entries"][key]["fingerprint"]
+    again = _build(spec_for, lock=lock, out=tmp_path / "again")
+    assert again.locked and again.bundle.read_bytes() == first.bundle.read_bytes()
+    assert all(row.interval is None for row in again.variants)
+
+    retimed = _build(spec_for, lock=lock, retime=True, out=tmp_path / "retimed")
+    assert not retimed.locked and any(row.interval is not None for row in retimed.variants)
+
+    np.save(tmp_path / "other.npy", np.load(data_dir / "sample.npy")[:80])
+    other = _build(spec_for, lock=lock, sample=tmp_path / "other.npy", out=tmp_path / "other")
+    assert not other.locked and any(row.interval is not None for row in other.variants)
+    assert json.loads(lock.read_text())["entries"][key]["fingerprint"]["evaluation"] != recorded["evaluation"]
+
+
+def test_locked_and_retime_contradict(data_dir, tmp_path):
+    result = runner.invoke(app, ["build", str(data_dir / "classifier.skops"), "--sample", str(data_dir / "sample.npy"),
+                                 "--locked", "--retime", "--out", str(tmp_path / "dist")])
+    assert result.exit_code == 3 and "--retime" in result.output
