@@ -263,12 +263,13 @@ def quantize(
 @error_boundary
 def verify(
     bundle: Path = typer.Argument(..., help="A bundle .tar.gz."),
+    max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", help="Let the bundle unpack to this many MiB (default: 64x its size or 64 MiB; env EDGEPACK_MAX_UNPACKED_MB)."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Check every checksum, the manifest and the archive's safety; exit 0 only when intact."""
+    """Check every checksum, the manifest and the archive's safety, in one bounded stream; exit 0 only when intact."""
     from edgepack.verify import verify_bundle
 
-    result = verify_bundle(bundle)
+    result = verify_bundle(bundle, max_unpacked_mb)
     if json_out:
         print(json.dumps(result, indent=2))
     else:

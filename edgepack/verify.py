@@ -9,8 +9,10 @@ from edgepack.manifest import parse_manifest
 from edgepack.runtime.bundle import sha256_file, verify_archive
 
 
-def verify_bundle(path: Path) -> dict[str, Any]:
-    verified = verify_archive(path)
+def verify_bundle(path: Path, max_unpacked_mb: float | None = None) -> dict[str, Any]:
+    """``max_unpacked_mb``: how large the bundle may unpack to (None: ``EDGEPACK_MAX_UNPACKED_MB``,
+    else 64 times the archive's size or 64 MiB; see ``edgepack.runtime.unpack_limits``)."""
+    verified = verify_archive(path, max_unpacked_mb)
     manifest = parse_manifest(verified.manifest, str(path))
     return {
         "ok": True, "bundle": str(path), "sha256": sha256_file(path), "name": manifest.name,

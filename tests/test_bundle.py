@@ -168,9 +168,13 @@ def test_manifest_must_agree_with_checksums(built_bundle, tmp_path):
 def test_runtime_verifies_unpacked_folder(built_bundle, tmp_path):
     root = extract_archive(built_bundle, tmp_path)
     assert verify_dir(root).manifest["name"] == "classifier"
-    # Bytecode caches written by running the runtime are tolerated; anything else is not.
+    # A bytecode cache would run instead of the checksummed sources: refused like any extra file
+    # (the runtime never writes one; tests/test_bundle_hardening.py runs it).
     (root / "runtime" / "__pycache__").mkdir(exist_ok=True)
     (root / "runtime" / "__pycache__" / "bench.cpython-311.pyc").write_bytes(b"cache")
+    with pytest.raises(IntegrityError, match="bytecode cache"):
+        verify_dir(root)
+    shutil.rmtree(root / "runtime" / "__pycache__")
     verify_dir(root)
     (root / "model.onnx").write_bytes((root / "model.onnx").read_bytes() + b"\0")
     with pytest.raises(IntegrityError, match="checksum mismatch for model.onnx"):

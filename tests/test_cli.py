@@ -106,7 +106,7 @@ def test_usage_error_exits_2():
 
 def test_debug_shows_traceback(tmp_path):
     result = runner.invoke(app, ["--debug", "verify", str(tmp_path / "none.tar.gz")])
-    assert result.exit_code == 7 and "Traceback" in result.stderr
+    assert result.exit_code == 3 and "Traceback" in result.stderr  # a missing bundle is bad input
 
 
 def test_subprocess_end_to_end(data_dir, tmp_path):
@@ -119,7 +119,7 @@ def test_subprocess_end_to_end(data_dir, tmp_path):
     assert verified.returncode == 0 and "intact" in verified.stdout
     missing = subprocess.run([*exe, "verify", str(tmp_path / "nope.tar.gz")], capture_output=True, text=True,
                              timeout=120)
-    assert missing.returncode == 7 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
+    assert missing.returncode == 3 and missing.stderr.count("\n") == 1 and "Traceback" not in missing.stderr
 
 
 def test_help_is_fast_and_lists_exit_codes():

@@ -22,7 +22,19 @@ _LAUNCHER = b"""#!/bin/sh
 # edgepack bundle launcher: verifies every checksum, then benchmarks or predicts.
 #   ./run verify | ./run bench [--help] | ./run predict INPUT.npy
 cd "$(dirname "$0")" || exit 1
-exec "${PYTHON:-python3}" -m runtime "$@"
+# Only the checksummed sources run: anything but runtime/*.py (a __pycache__, a .pyc or .so that
+# Python would import first) stops the launch before Python starts, and no bytecode is written.
+for entry in runtime/* runtime/.[!.]* runtime/..?*; do
+  case "$entry" in
+    *.py) [ -f "$entry" ] && [ ! -L "$entry" ] && continue ;;
+  esac
+  if [ -e "$entry" ] || [ -L "$entry" ]; then
+    echo "error: $entry is not part of this bundle (only runtime/*.py are; remove it, or unpack the bundle again)" >&2
+    exit 7
+  fi
+done
+export PYTHONDONTWRITEBYTECODE=1
+exec "${PYTHON:-python3}" -B -m runtime "$@"
 """
 _EXECUTABLE = {LAUNCHER_NAME}
 
