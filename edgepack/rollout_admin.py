@@ -90,8 +90,8 @@ def render_status(status: dict[str, Any]) -> str:
              f"{status['step']}/{len(status['steps'])} ({status['weight']:g}% of requests; steps "
              f"{','.join(f'{s:g}' for s in status['steps'])}) [from the {status['source']}]",
              f"this step: {figures['candidate_requests']} candidate requests (needs {status['min_samples']}), "
-             f"{figures['primary_requests']} primary, {status['step_elapsed_s']:.0f} s (needs "
-             f"{status['step_duration_s']:g} s)"]
+             f"{figures['primary_requests']} primary ({figures.get('primary_errors', 0)} answered 5xx), "
+             f"{status['step_elapsed_s']:.0f} s (needs {status['step_duration_s']:g} s)"]
     if gates["max_error_rate"] is not None:
         lines.append(f"  error rate {share(figures['error_rate'])} ({figures['errors']} failed), gate ≤ "
                      f"{gates['max_error_rate']:.2%}")
@@ -103,6 +103,8 @@ def render_status(status: dict[str, Any]) -> str:
                      f"{status['min_checked_rows']}), gate ≥ {gates['min_agreement']:.2%}")
     if status.get("failing"):
         lines.append(f"  failing: {status['failing']}")
+    if status.get("held"):
+        lines.append(f"  held (no promotion until it clears): {status['held']}")
     for entry in status["history"][-5:]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
         lines.append(f"{when} {entry['event']}: step {entry['step']} ({entry['weight']:g}%) — {entry['reason']}")

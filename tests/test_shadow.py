@@ -340,8 +340,9 @@ def test_shadow_and_report_errors_are_one_line(built_bundle, bundle_dir, tmp_pat
                           "no shadow pairs")
 
 
-def test_a_log_that_cannot_be_written_refuses_the_answer_with_503_and_the_server_goes_on(bundle_dir, tmp_path):
-    """No answer goes out without its log line: a full disk (/dev/full) turns answers into one-line 503s."""
+def test_a_log_that_cannot_be_written_drops_its_lines_and_the_answers_go_on(bundle_dir, tmp_path):
+    """A full disk (/dev/full): every request is answered as ever; its line is dropped and counted,
+    and stderr says so once, not once per request (README "Prediction log")."""
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     (log_dir / "predictions.jsonl").symlink_to("/dev/full")
@@ -349,8 +350,12 @@ def test_a_log_that_cannot_be_written_refuses_the_answer_with_503_and_the_server
     try:
         for _ in range(3):
             status, answer = post(served.url + "/predict", {"rows": [ROW]})
-            assert status == 503 and "cannot write the prediction log (No space left on device)" in answer["error"]
+            assert status == 200 and answer["outputs"]["label"], answer
+        samples = _samples(get(served.url + "/metrics")[1])
+        assert samples['edgepack_prediction_log_healthy{log="predictions.jsonl"}'] == 0
+        assert samples['edgepack_prediction_log_dropped_lines_total{log="predictions.jsonl"}'] == 3
         assert get(served.url + "/v2/health/ready")[0] == 200
     finally:
         assert served.stop() == 0
-    assert sum("cannot write the prediction log" in line for line in served.log) == 3
+    assert sum("prediction log: cannot write" in line and "No space left on device" in line
+               for line in served.log) == 1, served.log

@@ -10,7 +10,7 @@ request paths, so a scanner probing random URLs cannot grow the series without b
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Callable
+from typing import Any, Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # 50 µs (a tiny model's run) to 5 s, about three per decade.
@@ -128,7 +128,26 @@ class ServerMetrics:
                                     "Percent of requests the candidate answers now.", ("model",))
         self.rollout_state = Gauge("edgepack_rollout_state", "1 for the rollout's current state.", ("model", "state"))
         self.phased = False
+        # Prediction logs (log: the file's name, predictions.jsonl or the shadow worker's shadow.jsonl).
+        self.log_healthy = Gauge("edgepack_prediction_log_healthy",
+                                 "1 while the prediction log is written, 0 while it cannot be (its lines are "
+                                 "dropped; answers go on).", ("log",))
+        self.log_dropped = Counter("edgepack_prediction_log_dropped_lines_total",
+                                   "Log lines dropped because the prediction log could not be written.", ("log",))
+        self.log_errors = Counter("edgepack_prediction_log_errors_total",
+                                  "Failed attempts to write, rotate or reopen the prediction log (retried with "
+                                  "backoff, not once per request).", ("log",))
         self.collectors: list[Callable[[], None]] = []  # called before each exposition, on the loop
+
+    def watch_log(self, log: Any) -> None:
+        """Expose a ``prediction_log.PredictionLog``'s health, copied in when /metrics is scraped."""
+        self.record_log(log.name, log.healthy, log.dropped, log.errors)
+        self.collectors.append(lambda: self.record_log(log.name, log.healthy, log.dropped, log.errors))
+
+    def record_log(self, name: str, healthy: bool, dropped: float, errors: float) -> None:
+        self.log_healthy.set(1 if healthy else 0, name)
+        self.log_dropped.values[(name,)] = dropped
+        self.log_errors.values[(name,)] = errors
 
     def exposition(self) -> bytes:
         for collect in self.collectors:
@@ -138,6 +157,7 @@ class ServerMetrics:
                   self.shadow_latency) if self.shadow else ()
         phased = (self.rollout_requests, self.rollout_agreement, self.rollout_decisions, self.rollout_step,
                   self.rollout_weight, self.rollout_state) if self.phased else ()
-        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready, *shadow, *phased):
+        logs = (self.log_healthy, self.log_dropped, self.log_errors) if self.log_healthy.values else ()
+        for metric in (self.requests, self.latency, self.run, self.in_flight, self.ready, *logs, *shadow, *phased):
             lines += metric.lines()
         return ("\n".join(lines) + "\n").encode()

@@ -11,35 +11,52 @@ user. An input onnxruntime refuses in both models is the input's fault: the clie
 and the candidate is not charged with it. Agreement is measured off the request's path: for a
 sample of the candidate's requests a worker thread runs the primary on the same input and compares.
 
+Gates count what the client was sent: a request's outcome is recorded when the server knows the
+status it sends (``RoutedAnswer.settle``, called by the app just before the answer goes out), so
+a 5xx sent for a request is an error of the route that owned it, primary or candidate, whatever
+produced it after the model ran. While the prediction log or the state file cannot be written,
+the rollout's evidence is incomplete and a complete step is held, not promoted (a failing gate
+still rolls back); the hold is shown in ``status()`` and said on stderr once per change.
+
 The state file is written at once, with fsync, on every decision (before the next request is
 routed by it) and otherwise twice a second when counts changed, from a thread, so a restart after
-kill -9 resumes the same step with at most half a second of counts lost.
+kill -9 resumes the same step with at most half a second of counts lost. A write that fails is
+retried by that thread; it never fails a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import queue
 import random
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .errors import InferenceFailed, InputError, RequestError
 from .files import write_atomic
-from .models import Answer, InputRejected, ModelSpec, ServedModel, SingleRoute
+from .models import Answer, InputRejected, ModelSpec, OutOfMemory, ServedModel, SingleRoute
 from .prediction_log import PredictionLog, digest, now, outputs_field
 from .rollout_state import COMPLETE, ROLLED_BACK, Rollout, state_bytes, state_path
 from .shadow import check_signatures, compare, labels, stop_worker, work_off_path
 
 FLUSH_S = 0.5
 DEFAULT_CHECK_QUEUE = 64
+
+
+@dataclass(frozen=True)
+class RoutedAnswer(Answer):
+    """An answer whose outcome the rollout records once the status sent for it is known."""
+
+    settle: Callable[[int], None] | None = None  # called with the HTTP status sent to the client
 
 
 def bucket(salt: str, key: str) -> float:
@@ -93,6 +110,8 @@ class PhasedRoute(SingleRoute):
         # before a decision is never written over the decision's.
         self._changes = 0
         self._saved_changes = -1  # the changes the file on disk holds
+        self._state_error: str | None = None  # why the last write of the state file failed, until one succeeds
+        self._held: str | None = None  # the hold last said on stderr
 
     @property
     def ready(self) -> bool:
@@ -134,12 +153,16 @@ class PhasedRoute(SingleRoute):
             variant = "candidate" if pinned is self.candidate else "primary"
             return Answer(pinned.spec.version, outputs, run_s, {"variant": variant, "step": step, "pinned": True}, batch)
         if not self.routes_to_candidate(key if key is not None else digest(feed)):
-            if rollout.state != COMPLETE:
-                rollout.record_primary()
-                self._changes += 1
-            outputs, run_s, batch = await self.model.infer(names, feed)
-            self.metrics.rollout_requests.inc(self.name, "primary", "ok")
-            return Answer(self.spec.version, outputs, run_s, {"variant": "primary", "step": step}, batch)
+            try:
+                outputs, run_s, batch = await self.model.infer(names, feed)
+            except InputRejected:
+                self._primary_sent(400)
+                raise
+            except InferenceFailed as err:
+                self._primary_sent(503 if isinstance(err, OutOfMemory) else 500)
+                raise
+            return RoutedAnswer(self.spec.version, outputs, run_s, {"variant": "primary", "step": step}, batch,
+                                settle=self._primary_sent)
         started = time.perf_counter()
         try:
             outputs, run_s, batch = await self.candidate.infer(names, feed)
@@ -156,18 +179,34 @@ class PhasedRoute(SingleRoute):
             except BaseException:
                 self._candidate_failed(latency_ms)
                 raise
-            self._candidate_failed(latency_ms)
+            self._candidate_failed(latency_ms)  # counted already: the status sent does not change that
             return Answer(self.spec.version, outputs, run_s,
                           {"variant": "primary", "step": step, "fallback": err.message}, batch)
-        self._candidate_outcome(True, (time.perf_counter() - started) * 1000)
-        self.metrics.rollout_requests.inc(self.name, "candidate", "ok")
+        latency_ms = (time.perf_counter() - started) * 1000
         if rollout.state != COMPLETE and random.random() < rollout.spec.agreement_sample:
             try:
                 self._checks.put_nowait((request_id, feed, outputs))
             except queue.Full:
                 rollout.counts.checks_dropped += 1
                 self._changes += 1
-        return Answer(self.candidate_spec.version, outputs, run_s, {"variant": "candidate", "step": step}, batch)
+        return RoutedAnswer(self.candidate_spec.version, outputs, run_s, {"variant": "candidate", "step": step}, batch,
+                            settle=functools.partial(self._candidate_sent, latency_ms))
+
+    def _primary_sent(self, status: int) -> None:
+        """A request the primary owned, with the status it was sent."""
+        failed = status >= 500
+        self.metrics.rollout_requests.inc(self.name, "primary", "error" if failed else "ok")
+        if self.rollout.state != COMPLETE:
+            self.rollout.record_primary(failed)
+            self._changes += 1
+
+    def _candidate_sent(self, latency_ms: float, status: int) -> None:
+        """A request the candidate answered, with the status it was sent: a 5xx is its error."""
+        if status >= 500:
+            self._candidate_failed(latency_ms)
+            return
+        self._candidate_outcome(True, latency_ms)
+        self.metrics.rollout_requests.inc(self.name, "candidate", "ok")
 
     def _candidate_failed(self, latency_ms: float) -> None:
         self._candidate_outcome(False, latency_ms)
@@ -177,9 +216,23 @@ class PhasedRoute(SingleRoute):
         if self.rollout.state == COMPLETE:
             return  # the rollout is over: nothing left to gate
         self._changes += 1
-        decision = self.rollout.record_candidate(ok, latency_ms, time.time())
+        decision = self.rollout.record_candidate(ok, latency_ms, time.time(), self._hold())
         if decision is not None:
             self._decided(decision)
+
+    def _hold(self) -> str | None:
+        """Why the rollout's evidence is incomplete now (a complete step then waits), else None.
+        On the loop; says a change of it on stderr once."""
+        hold = None
+        if self.log is not None and not self.log.healthy:
+            hold = f"the prediction log {self.log.path} cannot be written"
+        elif self._state_error is not None:
+            hold = f"the state file cannot be written ({self._state_error})"
+        if hold != self._held:
+            self._held = hold
+            what = f"held: {hold}; no promotion until it clears" if hold else "no longer held"
+            print(f"rollout {self.name} {self.candidate_spec.version}: {what}", file=sys.stderr, flush=True)
+        return hold
 
     # -- agreement checks, off the request's path ----------------------------------------------
 
@@ -212,16 +265,17 @@ class PhasedRoute(SingleRoute):
         if self.rollout.state == COMPLETE:
             return
         self._changes += 1
-        decision = self.rollout.record_check(rows, agreed, time.time())
+        decision = self.rollout.record_check(rows, agreed, time.time(), self._hold())
         if decision is not None:
             self._decided(decision)
 
     # -- decisions and the state file ----------------------------------------------------------
 
     def _decided(self, decision: dict[str, Any]) -> None:
-        """On the loop: the state is on disk before the next request is routed by it."""
+        """On the loop: the state is on disk before the next request is routed by it (when it cannot
+        be written, the flusher retries it and the rollout holds meanwhile)."""
         self._changes += 1
-        self._persist(*self._snapshot())
+        self._persist_or_report(*self._snapshot())
         self._log_event(decision)
         self.metrics.rollout_decisions.inc(self.name, decision["event"])
         self._gauges()
@@ -251,6 +305,20 @@ class PhasedRoute(SingleRoute):
             write_atomic(state_path(self.state_dir), payload)
             self._saved_changes = changes
 
+    def _persist_or_report(self, changes: int, payload: bytes) -> None:
+        """``_persist``, with a failure said once per change of state rather than raised."""
+        try:
+            self._persist(changes, payload)
+        except OSError as err:
+            if self._state_error is None:
+                print(f"rollout: cannot write the state in {self.state_dir} ({err.strerror or err}); "
+                      "retrying twice a second, no promotion until it is written", file=sys.stderr, flush=True)
+            self._state_error = err.strerror or str(err)
+            return
+        if self._state_error is not None:
+            self._state_error = None
+            print(f"rollout: writing the state in {self.state_dir} again", file=sys.stderr, flush=True)
+
     def _flush_worker(self) -> None:
         while not self._stop.wait(FLUSH_S):
             loop = self._loop
@@ -269,16 +337,12 @@ class PhasedRoute(SingleRoute):
                 except concurrent.futures.TimeoutError:
                     continue
             if snapshot is not None:
-                try:
-                    self._persist(*snapshot)
-                except OSError as err:
-                    print(f"rollout: cannot write the state in {self.state_dir}: {err.strerror}",
-                          file=sys.stderr, flush=True)
+                self._persist_or_report(*snapshot)
 
     def _tick(self, done: concurrent.futures.Future) -> None:
         """On the loop: a step may be complete by time alone; then hand over a snapshot if needed."""
         try:
-            decision = self.rollout.evaluate(time.time())
+            decision = self.rollout.evaluate(time.time(), self._hold())
             if decision is not None:
                 self._decided(decision)
             done.set_result(self._snapshot() if self._changes > self._saved_changes else None)
@@ -288,7 +352,7 @@ class PhasedRoute(SingleRoute):
     # -- operators -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        return self.rollout.status(time.time())
+        return {**self.rollout.status(time.time()), "held": self._hold()}
 
     def steer(self, action: str, reason: str) -> dict[str, Any]:
         """``promote`` or ``rollback`` from an operator; 409 when there is nothing to do."""
@@ -307,4 +371,4 @@ class PhasedRoute(SingleRoute):
         stop_worker(self._checks, self._checker)
         if self.candidate is not None:
             self.candidate.close()
-        self._persist(*self._snapshot())  # the loop has stopped: nothing changes the state any more
+        self._persist_or_report(*self._snapshot())  # the loop has stopped: nothing changes the state any more

@@ -14,6 +14,11 @@ pass even if every remaining event of its minimum budget were good, so waiting o
 users a bad model. One slow request early in a step is no failure (the budget allows 1%); a
 candidate failing every request is rolled back after ``max_error_rate × min_samples`` of them.
 A step passes when it has its minimum samples, checked rows and duration, and every gate holds.
+
+What is counted is what the client was sent: a request the candidate owned counts as an error
+when it failed or when the status sent for it was a 5xx, whatever produced it. Missing evidence
+holds a step, never passes it: while the caller says ``hold`` (the prediction log or the state
+file cannot be written), a complete step waits for it to clear; a failing gate still rolls back.
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ class StepCounts:
     errors: int = 0  # of those, the candidate failed (the primary answered instead)
     slow: int = 0  # of those, slower than max_p99_ms
     primary: int = 0  # requests routed to the primary
+    primary_errors: int = 0  # of those, answered with a 5xx
     checked_rows: int = 0  # rows the primary also ran for agreement
     agreed_rows: int = 0
     checks_dropped: int = 0  # agreement checks skipped because the checker was busy
@@ -166,6 +172,7 @@ class StepCounts:
 
     def figures(self) -> dict[str, Any]:
         return {"candidate_requests": self.candidate, "primary_requests": self.primary, "errors": self.errors,
+                "primary_errors": self.primary_errors,
                 "error_rate": self.errors / self.candidate if self.candidate else None,
                 "slow": self.slow, "slow_share": self.slow / self.candidate if self.candidate else None,
                 "checked_rows": self.checked_rows, "agreed_rows": self.agreed_rows,
@@ -202,23 +209,26 @@ class Rollout:
 
     # -- what happened -------------------------------------------------------------------------
 
-    def record_candidate(self, ok: bool, latency_ms: float, now: float) -> dict[str, Any] | None:
-        """One request routed to the candidate; the decision it caused, if any."""
+    def record_candidate(self, ok: bool, latency_ms: float, now: float, hold: str | None = None) -> dict[str, Any] | None:
+        """One request routed to the candidate (``ok``: it answered and a non-5xx status was sent);
+        the decision it caused, if any."""
         counts = self.counts
         counts.candidate += 1
         if not ok:
             counts.errors += 1
         elif self.spec.gates.max_p99_ms is not None and latency_ms > self.spec.gates.max_p99_ms:
             counts.slow += 1
-        return self.evaluate(now)
+        return self.evaluate(now, hold)
 
-    def record_primary(self) -> None:
+    def record_primary(self, failed: bool = False) -> None:
         self.counts.primary += 1
+        if failed:
+            self.counts.primary_errors += 1
 
-    def record_check(self, rows: int, agreed: int, now: float) -> dict[str, Any] | None:
+    def record_check(self, rows: int, agreed: int, now: float, hold: str | None = None) -> dict[str, Any] | None:
         self.counts.checked_rows += rows
         self.counts.agreed_rows += agreed
-        return self.evaluate(now)
+        return self.evaluate(now, hold)
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -245,14 +255,15 @@ class Rollout:
         return (counts.candidate >= spec.min_samples and counts.checked_rows >= spec.min_checked_rows
                 and now - counts.started >= spec.step_duration_s)
 
-    def evaluate(self, now: float) -> dict[str, Any] | None:
-        """Roll back when a gate fails, promote when the step is complete; the decision, or None."""
+    def evaluate(self, now: float, hold: str | None = None) -> dict[str, Any] | None:
+        """Roll back when a gate fails, promote when the step is complete and nothing ``hold``s it
+        (why evidence is missing, e.g. the log cannot be written); the decision, or None."""
         if self.state != RUNNING:
             return None
         failing = self.failing_gate()
         if failing is not None:
             return self.rollback(now, f"gate failed: {failing}", event="rollback")
-        if self.step_complete(now):
+        if hold is None and self.step_complete(now):
             return self.promote(now, "gates passed", event="promote")
         return None
 

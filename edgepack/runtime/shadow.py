@@ -28,7 +28,7 @@ import numpy as np
 from .errors import InputError, UnsupportedHere
 from .metrics import LATENCY_BUCKETS_S
 from .models import Answer, ModelSpec, SingleRoute
-from .prediction_log import PredictionLog
+from .prediction_log import SHADOW_LOG_NAME, PredictionLog
 from .shadow_worker import Stats, encode_frame, read_frame
 
 DEFAULT_QUEUE = 64
@@ -204,6 +204,9 @@ class ShadowRoute(SingleRoute):
         metrics.shadow_agreement.values[(*labels, "agree")] = slots[Stats.AGREED]
         metrics.shadow_agreement.values[(*labels, "disagree")] = slots[Stats.DISAGREED]
         metrics.shadow_latency.series[labels] = [*slots[Stats.BUCKETS:], slots[Stats.RUN_SUM]]
+        if self.log is not None:
+            metrics.record_log(SHADOW_LOG_NAME, not slots[Stats.LOG_FAILING], slots[Stats.LOG_DROPPED],
+                               slots[Stats.LOG_ERRORS])
 
     def _watch(self) -> None:
         """Wait for the worker's end, and say so if it was not asked to stop."""

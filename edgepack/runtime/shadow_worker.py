@@ -44,10 +44,11 @@ _LENGTH = struct.Struct(">I")
 class Stats:
     """Counts shared by the worker (the only writer) and the server: float64 slots in a memory
     block both map. Slots: pairs done, candidate errors, rows agreed, rows disagreed, the sum of
-    the candidate's run seconds, then the run-time histogram's buckets (``metrics.LATENCY_BUCKETS_S``,
+    the candidate's run seconds, its ``shadow.jsonl``'s health (1 while it cannot be written, lines
+    dropped, failed attempts), then the run-time histogram's buckets (``metrics.LATENCY_BUCKETS_S``,
     then one above them all). A reader may see one pair's counts half updated; never a torn value."""
 
-    DONE, ERRORS, AGREED, DISAGREED, RUN_SUM, BUCKETS = range(6)
+    DONE, ERRORS, AGREED, DISAGREED, RUN_SUM, LOG_FAILING, LOG_DROPPED, LOG_ERRORS, BUCKETS = range(9)
 
     def __init__(self, fd: int, buckets: tuple[float, ...]) -> None:
         self.fd = fd
@@ -79,6 +80,10 @@ class Stats:
                 slots[self.AGREED] += agreed
                 slots[self.DISAGREED] += rows - agreed
         slots[self.DONE] += 1  # last: a pair counted done has its other counts (and its log line)
+
+    def record_log(self, healthy: bool, dropped: int, errors: int) -> None:
+        slots = self.slots
+        slots[self.LOG_FAILING], slots[self.LOG_DROPPED], slots[self.LOG_ERRORS] = (not healthy), dropped, errors
 
     @property
     def done(self) -> int:
@@ -183,6 +188,7 @@ def main(argv: list[str]) -> int:
     stats = Stats(args.stats_fd, LATENCY_BUCKETS_S)
     _yield_to_the_server()
     write_frame(sink, {"ready": True, "warm_run_s": model.warm_run_s})
+    failures = Failures(f"{spec.name} {spec.version}")
     while True:
         frame = read_frame(source)
         if frame is None:
@@ -201,18 +207,50 @@ def main(argv: list[str]) -> int:
                                    "error": getattr(err, "message", None) or f"{type(err).__name__}: {err}"}
             record["status"] = "error"
             run_s = None
+            failures.failed(record["candidate"]["error"])
         else:
+            failures.answered()
             run_s = time.perf_counter() - started
             record["candidate"] = {"version": spec.version, "run_ms": run_s * 1000, **outputs_field(outputs)}
             record["status"] = "ok"
             record.update(compare(primary, outputs))
-        if log is not None:
-            try:
-                log.write(record)
-            except OSError as err:  # a full disk costs the shadow's lines, never the worker
-                print(f"shadow: cannot write {log.path} ({err.strerror or err}); the pair is counted, not logged",
-                      file=sys.stderr, flush=True)
+        if log is not None:  # a log that cannot be written drops the line, counts it and says so once
+            log.write(record)
+            stats.record_log(log.healthy, log.dropped, log.errors)
         stats.record(run_s, record.get("rows"), record.get("agreed_rows"))
+
+
+class Failures:
+    """The candidate's failures said on stderr once per change, never once per pair (each is counted
+    in ``edgepack_shadow_errors_total`` and its ``shadow`` line): once when it starts failing, once
+    when it has answered ``RECOVERED_AFTER`` pairs in a row again (a candidate failing on some inputs
+    only stays "failing" rather than flapping a line per pair)."""
+
+    RECOVERED_AFTER = 100
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+        self.count = 0  # failures in the current spell
+        self.answered_in_a_row = 0
+
+    def failed(self, error: str) -> None:
+        self.count += 1
+        self.answered_in_a_row = 0
+        if not self.failing:
+            self.failing = True
+            print(f"shadow: the candidate {self.what} fails ({error}); each failure is counted in "
+                  "edgepack_shadow_errors_total and shadow.jsonl, and said here again only once it answers",
+                  file=sys.stderr, flush=True)
+
+    def answered(self) -> None:
+        if not self.failing:
+            return
+        self.answered_in_a_row += 1
+        if self.answered_in_a_row >= self.RECOVERED_AFTER:
+            print(f"shadow: the candidate {self.what} answers again ({self.RECOVERED_AFTER} pairs in a row) after "
+                  f"{self.count} failure{'' if self.count == 1 else 's'}", file=sys.stderr, flush=True)
+            self.failing, self.count, self.answered_in_a_row = False, 0, 0
 
 
 if __name__ == "__main__":
