@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
         inference: str = typer.Option("auto", help="Where session.run runs: loop (the event loop), thread, or auto (the loop for runs expected under 1 ms with one worker thread, 0.2 ms with several)."),
         max_batch: int = typer.Option(32, "--max-batch", help="Requests ready at the same time that share one session.run on the event loop, each getting its own rows back (1: each runs alone). Used only for models whose rows are independent (checked at load)."),
         threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads (default: the bundle's target profile's)."),
+        header_timeout: float = typer.Option(10.0, "--header-timeout", help="Seconds a request's headers may take from its first byte; then 408 and the connection closes.", rich_help_panel="Connections"),
+        body_timeout: float = typer.Option(60.0, "--body-timeout", help="Seconds a request's body may take after its headers (60: 32 MiB at 0.55 MiB/s); then 408 and the connection closes.", rich_help_panel="Connections"),
+        keep_alive_timeout: float = typer.Option(75.0, "--keep-alive-timeout", help="Seconds a connection stays open with no request in progress (75: longer than load balancers' 60, which close first).", rich_help_panel="Connections"),
+        body_memory_mb: Optional[float] = typer.Option(None, "--body-memory-mb", help="Request bodies over 1 MiB are read and decoded at once while their sizes add up to at most this; others wait, unread, in the client's socket (default: --max-body-mb).", rich_help_panel="Connections"),
+        max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections open at most; past it the one idle longest is closed, or the new one gets 503 when all are busy (default: the file-descriptor limit, ulimit -n, less 64 for the server's own files).", rich_help_panel="Connections"),
         log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Write the prediction log (JSON lines, one per request, flushed before the answer) into this folder."),
         log_sample_rate: float = typer.Option(0.01, "--log-sample-rate", help="Share of requests whose inputs are logged in full (failed runs always are; others get a sha256)."),
         log_max_mb: float = typer.Option(64.0, "--log-max-mb", help="Rotate the prediction log past this size."),
@@ -58,10 +63,14 @@ def register(app: typer.Typer) -> None:
                                 min_agreement, agreement_sample, key_header)
         elif rollout_spec or steps or state_dir:
             raise typer.BadParameter("--rollout-spec, --steps and --state-dir go with --phased CANDIDATE")
-        serve_path(bundle, ServeSettings(host, port, max_body_mb, allow_nonfinite, access_log, inference, threads,
-                                         log_dir, log_sample_rate, log_max_mb, log_keep, shadow, shadow_queue,
-                                         phased, rollout, state_dir, admin_token, max_batch),
-                   server_version=__version__)
+        settings = ServeSettings(
+            host=host, port=port, max_body_mb=max_body_mb, allow_nonfinite=allow_nonfinite, access_log=access_log,
+            placement=inference, threads=threads, log_dir=log_dir, log_sample_rate=log_sample_rate,
+            log_max_mb=log_max_mb, log_keep=log_keep, shadow=shadow, shadow_queue=shadow_queue, phased=phased,
+            rollout=rollout, state_dir=state_dir, admin_token=admin_token, max_batch=max_batch,
+            header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_s=keep_alive_timeout,
+            max_connections=max_connections, body_memory_mb=body_memory_mb)
+        serve_path(bundle, settings, server_version=__version__)
 
     rollout_app = typer.Typer(help=ROLLOUT_HELP, no_args_is_help=True)
     app.add_typer(rollout_app, name="rollout")

@@ -67,7 +67,7 @@ class _Call:
     """What a request is, as known so far: filled in while routing, read by metrics and the log."""
 
     __slots__ = ("endpoint", "model", "request_id", "version", "feed", "inputs_sha256", "outputs", "extra", "batch",
-                 "error")
+                 "error", "settle")
 
     def __init__(self) -> None:
         self.endpoint = "unknown"
@@ -80,6 +80,8 @@ class _Call:
         self.extra: dict[str, Any] | None = None
         self.batch = 1  # requests its session.run answered
         self.error: str | None = None
+        # A phased route's hook, told the status the client is sent (its gates count that).
+        self.settle: Callable[[int], None] | None = None
 
 
 class App:
@@ -89,6 +91,8 @@ class App:
         self.metrics = metrics
         self.settings = settings
         self.log = log
+        if log is not None:
+            metrics.watch_log(log)
         # Request ids are only worth finding (or making) when something records them.
         self.tracing = log is not None or any(route.mode != "single" for route in registry)
         self._server_metadata = orjson.dumps({"name": "edgepack", "version": settings.server_version,
@@ -110,16 +114,13 @@ class App:
         try:
             status, body, headers = await self._answer(call, scope, receive)
             if self.log is not None and call.endpoint in _INFERENCE:
-                # Written before the answer is sent: an acknowledged request always has its line.
-                try:
-                    self._log(call, scope, status, time.perf_counter() - started)
-                    headers.append((b"x-request-id", _header_value(call.request_id)))
-                except OSError as err:  # a full disk: no answer goes out that the log does not hold
-                    status, headers = 503, [(b"content-type", _JSON)]
-                    message = (f"cannot write the prediction log ({err.strerror or err}); the request was not "
-                               "acknowledged (free space in --log-dir, then retry)")
-                    body = orjson.dumps({"error": message})
-                    print(f"error: {message}", file=sys.stderr, flush=True)
+                # Written before the answer is sent: an acknowledged request has its line while the log
+                # can be written. When it cannot, PredictionLog drops and counts the line (one stderr line
+                # per change, /metrics) and the answer goes out unchanged: a log fault never reaches the client.
+                self._log(call, scope, status, time.perf_counter() - started)
+                headers.append((b"x-request-id", _header_value(call.request_id)))
+            if call.settle is not None:
+                call.settle(status)  # a rollout's gates count the status the client is sent
             await send({"type": "http.response.start", "status": status,
                         "headers": [*headers, (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -141,8 +142,8 @@ class App:
         for a failed run (refused by onnxruntime, out of memory, a 500) so it can be replayed;
         outputs themselves when small, else a digest."""
         log = self.log
-        if not call.request_id:  # refused before the request id was known (bad JSON, 404...)
-            call.request_id = _request_id(scope)
+        if not call.request_id:  # refused before the request id was known (bad JSON, 404, too long...)
+            call.request_id = _request_id(scope, refuse_long=False)
         record: dict[str, Any] = {"id": call.request_id, "time": now(), "model": call.model,
                                   "version": call.version, "role": "primary", "endpoint": call.endpoint,
                                   "status": status, "latency_ms": elapsed * 1000}
@@ -205,6 +206,7 @@ class App:
             answer = await route.infer(list(request.outputs), request.inputs, call.request_id,
                                        _sticky_key(call, scope, route.key_header, request.inputs), version)
             call.version, call.outputs, call.extra, call.batch = answer.version, answer.outputs, answer.extra, answer.batch
+            call.settle = getattr(answer, "settle", None)
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             payload, json_length = v2.encode_infer(route.name, answer.version, request, answer.outputs)
             if json_length is None:
@@ -222,6 +224,7 @@ class App:
             answer = await route.infer(None, feed, call.request_id,
                                        _sticky_key(call, scope, route.key_header, feed))
             call.version, call.outputs, call.extra, call.batch = answer.version, answer.outputs, answer.extra, answer.batch
+            call.settle = getattr(answer, "settle", None)
             self.metrics.run.observe(answer.run_s, route.name, answer.version)
             return 200, v2.encode_predict(route.name, answer.version, answer.outputs), [(b"content-type", _JSON)]
         if endpoint == "metrics":
@@ -309,10 +312,16 @@ class App:
                 return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), headers
 
 
-def _request_id(scope: dict[str, Any]) -> str:
-    """The client's X-Request-Id, else a fresh one (the v2 body's "id" wins over both)."""
+def _request_id(scope: dict[str, Any], refuse_long: bool = True) -> str:
+    """The client's X-Request-Id, else a fresh one (the v2 body's "id" wins over both). One longer
+    than v2.MAX_REQUEST_ID is refused (400), or replaced by a fresh one for the log line of a refusal."""
     given = _header(scope, b"x-request-id")
-    return given[:200] if given is not None else f"{_ids.prefix}{next(_ids.counter):016x}"
+    if given is not None and len(given) > v2.MAX_REQUEST_ID:
+        if refuse_long:
+            raise RequestError(f"X-Request-Id is {len(given)} characters long, at most {v2.MAX_REQUEST_ID} are taken",
+                               "it is echoed in the answer's X-Request-Id header: send a shorter one (a uuid)")
+        given = None
+    return given if given is not None else f"{_ids.prefix}{next(_ids.counter):016x}"
 
 
 class _Ids:

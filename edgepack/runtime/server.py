@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -29,6 +31,7 @@ from .requirements import SERVE
 from .rollout_state import RolloutSpec
 
 DEFAULT_PORT = 8080
+UNPACKED_PREFIX = "edgepack-serve-"  # then the server's pid: see remove_stale_unpacked
 # Longer than the idle timeout of common load balancers (60 s): a server that closes an idle
 # connection first races the balancer's next request on it, which then fails with a 502.
 KEEP_ALIVE_S = 75
@@ -54,6 +57,11 @@ class ServeSettings:
     state_dir: Path | None = None  # where the rollout's state survives restarts
     admin_token: str | None = None  # None: admin endpoints answer loopback clients only
     max_batch: int = DEFAULT_MAX_BATCH  # requests ready together that share one session.run (1: none)
+    header_timeout_s: float = 10.0  # a request's headers complete within this of its first byte, else 408
+    body_timeout_s: float = 60.0  # its body within this of its headers' end, else 408 (32 MiB at >= 0.55 MiB/s)
+    keep_alive_s: float = KEEP_ALIVE_S  # a connection without a request in progress is closed after this
+    max_connections: int | None = None  # None: the file-descriptor limit less connection_limits.FD_RESERVE
+    body_memory_mb: float | None = None  # large bodies (> 1 MiB) in progress at once, summed; None: max_body_mb
 
 
 def serve_path(path: Path, settings: ServeSettings, server_version: str | None = None) -> None:
@@ -83,8 +91,43 @@ def _unpacked(path: Path, stack: ExitStack, flag: str) -> Path:
         return path
     if not path.is_file():
         raise InputError(f"{flag}{path}: no such bundle", "give a bundle .tar.gz or an unpacked bundle folder")
-    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="edgepack-serve-"))
+    removed = remove_stale_unpacked()
+    if removed:
+        print(f"note: removed {removed} unpacked bundle folder(s) of edgepack serve processes that ended without "
+              f"cleaning up (killed)", file=sys.stderr, flush=True)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"{UNPACKED_PREFIX}{os.getpid()}-"))
     return extract_archive(path, Path(tmp))
+
+
+def remove_stale_unpacked(folder: Path | None = None) -> int:
+    """Remove the unpacked archives (``edgepack-serve-PID-*`` in TMPDIR) whose server is gone: a
+    kill -9 skips the cleanup. Only this user's folders, and only when no process has their pid (a
+    reused pid keeps a folder until that process ends too). Returns how many went."""
+    folder = Path(folder or tempfile.gettempdir())
+    removed = 0
+    for entry in folder.glob(f"{UNPACKED_PREFIX}*"):
+        pid = entry.name[len(UNPACKED_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        try:
+            info = entry.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed += not entry.exists()
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def serve(root: Path, settings: ServeSettings, server_version: str | None = None) -> None:
@@ -104,6 +147,17 @@ def serve(root: Path, settings: ServeSettings, server_version: str | None = None
         raise InputError(f"--max-body-mb {settings.max_body_mb:g}: expected a positive size", "e.g. --max-body-mb 32")
     if settings.max_batch < 1:
         raise InputError(f"--max-batch {settings.max_batch}: expected at least 1", "1 runs every request alone")
+    for flag, seconds in (("--header-timeout", settings.header_timeout_s), ("--body-timeout", settings.body_timeout_s),
+                          ("--keep-alive-timeout", settings.keep_alive_s)):
+        if not seconds > 0:
+            raise InputError(f"{flag} {seconds:g}: expected a positive number of seconds", f"e.g. {flag} 10")
+    if settings.body_memory_mb is not None and settings.body_memory_mb < settings.max_body_mb:
+        raise InputError(f"--body-memory-mb {settings.body_memory_mb:g} is below --max-body-mb "
+                         f"{settings.max_body_mb:g}", "give at least --max-body-mb, or leave it out (then it is --max-body-mb)")
+    if settings.max_connections is not None and settings.max_connections < 1:
+        raise InputError(f"--max-connections {settings.max_connections}: expected at least 1",
+                         "leave it out for the file-descriptor limit less a reserve")
+    connection_limits(settings)  # refused here, before the model loads, when it does not fit ulimit -n
     from .metrics import ServerMetrics
     from .models import ModelSpec, Registry, SingleRoute
     from .prediction_log import PredictionLog
@@ -187,12 +241,16 @@ def _run(root: Path, manifest: dict, settings: ServeSettings, registry, metrics,
     app = App(registry, metrics, AppSettings(int(settings.max_body_mb * 2**20), settings.allow_nonfinite,
                                              settings.access_log, version, settings.admin_token), log)
     sock = _listen(settings.host, settings.port)
-    if http == "httptools":  # the same, answering with one write (see http_protocol)
+    limit_concurrency = None
+    if http == "httptools":  # the same, answering with one write and bounding what a client holds (see http_protocol)
         from .http_protocol import OneWriteHttpToolsProtocol
-        http = OneWriteHttpToolsProtocol
+        http = OneWriteHttpToolsProtocol.with_limits(connection_limits(settings))
+    else:  # h11: uvicorn's own limits only (503 past the cap; no header or body timeout)
+        limit_concurrency = connection_limits(settings).max_connections
     config = uvicorn.Config(app, loop=loop, http=http, ws="none", interface="asgi3", lifespan="on",
                             log_config=None, log_level="warning", access_log=False, proxy_headers=False,
-                            server_header=False, timeout_keep_alive=KEEP_ALIVE_S)
+                            server_header=False, timeout_keep_alive=settings.keep_alive_s,  # type: ignore[arg-type]
+                            limit_concurrency=limit_concurrency)
     server = uvicorn.Server(config)
     failures: list[EdgepackError] = []
     address = _url(settings.host, sock.getsockname()[1])
@@ -211,6 +269,22 @@ def _run(root: Path, manifest: dict, settings: ServeSettings, registry, metrics,
     if failures:
         raise failures[0]
     print(f"stopped serving {manifest['name']} {manifest['version']}", file=sys.stderr, flush=True)
+
+
+def connection_limits(settings: ServeSettings):
+    """The limits the protocol enforces, the connection cap resolved: --max-connections, which must
+    fit under the file-descriptor limit, else that limit less a reserve for the server's own files."""
+    from .connection_limits import FD_RESERVE, ConnectionLimits, connection_cap
+
+    fits = connection_cap()
+    wanted = settings.max_connections
+    if wanted is not None and wanted > fits:
+        raise InputError(f"--max-connections {wanted}: this process may open {fits + FD_RESERVE} files "
+                         f"(ulimit -n), {FD_RESERVE} of them kept for the server's own",
+                         f"raise the limit (ulimit -n {wanted + FD_RESERVE}), or give --max-connections {fits} or less")
+    memory_mb = settings.max_body_mb if settings.body_memory_mb is None else settings.body_memory_mb
+    return ConnectionLimits(settings.header_timeout_s, settings.body_timeout_s, settings.keep_alive_s, wanted or fits,
+                            int(memory_mb * 2**20))
 
 
 def _return_freed_memory() -> None:
@@ -329,7 +403,27 @@ def _parser(default_host: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=ServeSettings.max_batch,
                         help="requests ready at the same time that share one session.run on the event loop "
                              f"(default: {DEFAULT_MAX_BATCH}; 1: each runs alone)")
+    add_connection_flags(parser)
     return parser
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--header-timeout", type=float, default=ServeSettings.header_timeout_s,
+                        help="seconds a request's headers may take from its first byte; then 408 and close "
+                             "(default: %(default)g)")
+    parser.add_argument("--body-timeout", type=float, default=ServeSettings.body_timeout_s,
+                        help="seconds a request's body may take after its headers; then 408 and close "
+                             "(default: %(default)g)")
+    parser.add_argument("--keep-alive-timeout", type=float, default=ServeSettings.keep_alive_s,
+                        help="seconds a connection may stay open with no request in progress (default: %(default)g, "
+                             "longer than load balancers' 60)")
+    parser.add_argument("--max-connections", type=int,
+                        help="connections open at most; past it the one idle longest is closed, or the new one gets "
+                             "503 when all are busy (default: the file-descriptor limit, ulimit -n, less "
+                             "64 kept for the server's own files)")
+    parser.add_argument("--body-memory-mb", type=float,
+                        help="request bodies over 1 MiB are read and decoded at once while their sizes add up to at "
+                             "most this; others wait, unread (default: --max-body-mb)")
 
 
 def add_log_and_shadow_flags(parser: argparse.ArgumentParser) -> None:
@@ -380,10 +474,14 @@ def main(argv: list[str], root: Path, default_host: str = "0.0.0.0") -> int:
         if not text.isdigit():
             raise InputError(f"PORT={text!r} is not a port number", "set PORT to a number such as 8080, or pass --port")
         port = int(text)
-    settings = ServeSettings(args.host, port, args.max_body_mb, args.allow_nonfinite, args.access_log,
-                             args.inference, args.threads, args.log_dir, args.log_sample_rate, args.log_max_mb,
-                             args.log_keep, args.shadow, args.shadow_queue, args.phased, rollout_from_args(args),
-                             args.state_dir, args.admin_token, args.max_batch)
+    settings = ServeSettings(
+        host=args.host, port=port, max_body_mb=args.max_body_mb, allow_nonfinite=args.allow_nonfinite,
+        access_log=args.access_log, placement=args.inference, threads=args.threads, log_dir=args.log_dir,
+        log_sample_rate=args.log_sample_rate, log_max_mb=args.log_max_mb, log_keep=args.log_keep, shadow=args.shadow,
+        shadow_queue=args.shadow_queue, phased=args.phased, rollout=rollout_from_args(args), state_dir=args.state_dir,
+        admin_token=args.admin_token, max_batch=args.max_batch, header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
+        body_memory_mb=args.body_memory_mb)
     with ExitStack() as stack:
         serve(args.bundle or root, _candidates_unpacked(settings, stack))
     return 0

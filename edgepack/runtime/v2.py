@@ -31,6 +31,8 @@ DATATYPES = {
 }
 # numpy kinds a JSON array may hold for each kind of tensor: whole numbers are fine for a float
 # input, fractions are not fine for an integer one, and nothing else converts.
+# A request id (the body's "id", a client's X-Request-Id) is echoed in a header and the log: longer is refused (400).
+MAX_REQUEST_ID = 128
 _ACCEPTS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b", "U": "U"}
 _TAKES = {"f": "numbers", "i": "whole numbers", "u": "whole numbers", "b": "true/false", "U": "strings"}
 _HOLDS = {"f": "fractional numbers", "i": "whole numbers", "u": "whole numbers", "b": "true/false values",
@@ -129,6 +131,10 @@ def parse_infer(body: bytes, header_length: int | None, signature: Signature, al
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise RequestError('"id" must be a string')
+    if request_id is not None and len(request_id) > MAX_REQUEST_ID:
+        raise RequestError(f'"id" is {len(request_id)} characters long, at most {MAX_REQUEST_ID} are taken',
+                           "it is echoed in the answer and its X-Request-Id header: send a shorter one (a uuid)")
+    literals = _may_hold_bools(head)
     parameters = _object(request.get("parameters"), '"parameters"')
     feed: dict[str, np.ndarray] = {}
     offset = 0
@@ -154,7 +160,7 @@ def parse_infer(body: bytes, header_length: int | None, signature: Signature, al
             feed[name] = _from_binary(sig, tail[offset:offset + size], shape, allow_nonfinite)
             offset += size
         elif "data" in item:
-            feed[name] = _from_json(sig, item["data"], shape, allow_nonfinite)
+            feed[name] = _from_json(sig, item["data"], shape, allow_nonfinite, literals)
         else:
             raise RequestError(f"input {name!r} has no data", 'give "data", or binary data with binary_data_size')
     if offset != len(tail):
@@ -188,9 +194,10 @@ def parse_predict(body: bytes, signature: Signature, allow_nonfinite: bool) -> d
     if missing := [name for name in signature.inputs if name not in named]:
         raise RequestError(f"missing input {missing[0]!r}", f"the model takes {_names(signature.inputs)}")
     feed = {}
+    literals = _may_hold_bools(body)
     for name, rows in named.items():
         sig = signature.inputs[name]
-        raw = _json_array(sig, rows)
+        raw = _json_array(sig, rows, literals)
         if raw.ndim != len(sig.shape):
             one_row = "; wrap a single row in a list: [[...]]" if raw.ndim == len(sig.shape) - 1 else ""
             raise RequestError(f"rows of input {name!r} are nested as {list(raw.shape)}, the model takes "
@@ -281,7 +288,32 @@ def _checked_shape(sig: TensorSig, shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _json_array(sig: TensorSig, data: Any) -> np.ndarray:
+def _may_hold_bools(body: bytes | memoryview) -> bool:
+    """Whether JSON text may hold true or false (anywhere: a parameter's value too); numpy takes
+    true beside numbers as 1, so numeric data of such a body is searched for them (``_json_array``)."""
+    raw = body if isinstance(body, bytes) else bytes(body)
+    return b"true" in raw or b"false" in raw
+
+
+def _holds_bool(data: Any) -> bool:
+    pending = [data]
+    while pending:
+        items = pending.pop()
+        if not isinstance(items, list):
+            if items is True or items is False:
+                return True
+            continue
+        for item in items:
+            if item is True or item is False:
+                return True
+            if isinstance(item, list):
+                pending.append(item)
+    return False
+
+
+def _json_array(sig: TensorSig, data: Any, literals: bool = True) -> np.ndarray:
+    """``data`` as numpy sees it, refused unless it fits the input's datatype; ``literals``: the
+    body may hold true or false, which numeric data must not (numpy would read them as 1 and 0)."""
     # A scalar (shape []) input may also be given as its value alone: /predict has no other way.
     scalar = not sig.shape and isinstance(data, (bool, int, float, str))
     if not isinstance(data, list) and not scalar:
@@ -300,6 +332,9 @@ def _json_array(sig: TensorSig, data: Any) -> np.ndarray:
                 return exact
         raise RequestError(f"input {sig.name!r}: data holds {_HOLDS.get(raw.dtype.kind, raw.dtype.name)}, "
                            f"datatype {sig.datatype} takes {_TAKES[sig.dtype.kind]}")
+    if literals and sig.dtype.kind in "fiu" and raw.dtype.kind in "fiu" and _holds_bool(data):
+        raise RequestError(f"input {sig.name!r}: data holds true or false, datatype {sig.datatype} takes "
+                           f"{_TAKES[sig.dtype.kind]}", "send 1 and 0, or give the model a BOOL input")
     return raw
 
 
@@ -331,8 +366,9 @@ def _at(array: np.ndarray, flat_index: int) -> str:
     return "[" + ", ".join(str(int(i)) for i in where) + "]"
 
 
-def _from_json(sig: TensorSig, data: Any, shape: tuple[int, ...], allow_nonfinite: bool) -> np.ndarray:
-    raw = _json_array(sig, data)
+def _from_json(sig: TensorSig, data: Any, shape: tuple[int, ...], allow_nonfinite: bool,
+               literals: bool = True) -> np.ndarray:
+    raw = _json_array(sig, data, literals)
     count = math.prod(shape)
     if raw.size != count:
         raise RequestError(f"input {sig.name!r}: data has {raw.size} values, shape {list(shape)} needs {count}")
