@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import resource
 import selectors
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.runtime.server import remove_stale_unpacked
-from test_serve import READY_TIMEOUT_S, Served, _bundle_env, get, post, request
+from test_serve import Served, post, request
 
 FD_LIMIT = 256
 FD_RESERVE = 64  # connection_limits.FD_RESERVE: the cap is FD_LIMIT less it
@@ -38,18 +37,8 @@ def _small_fd_limit() -> None:
 class LimitedServed(Served):
     """``Served``, started under ``ulimit -n 256``."""
 
-    def __init__(self, command: list[str], cwd: Path) -> None:  # noqa: super().__init__ would start another
-        self.process = subprocess.Popen(command, cwd=cwd, env=_bundle_env(), stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, text=True, preexec_fn=_small_fd_limit)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while get(self.url + "/v2/health/ready")[0] != 200:
-            assert time.monotonic() < deadline, "the server never became ready"
-            time.sleep(0.02)
+    def __init__(self, command: list[str], cwd: Path) -> None:
+        super().__init__(command, cwd, preexec_fn=_small_fd_limit)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))

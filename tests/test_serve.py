@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -33,9 +34,10 @@ READY_TIMEOUT_S = 90  # a loaded 2-core host can take a while to import onnxrunt
 class Served:
     """A server subprocess: its port from the log line, its stderr collected as it comes."""
 
-    def __init__(self, command: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.process = subprocess.Popen(command, cwd=cwd, env=env or _bundle_env(), stderr=subprocess.PIPE,
-                                        stdout=subprocess.DEVNULL, text=True)
+                                        stdout=subprocess.DEVNULL, text=True, preexec_fn=preexec_fn)
         self.lines: queue.Queue[str] = queue.Queue()
         self.log: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
