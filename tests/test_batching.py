@@ -124,6 +124,31 @@ def test_a_model_whose_rows_are_not_independent_is_not_batched(bundle_dir, tmp_p
     assert [a[2] for a in answers] == [1] * 4
 
 
+def test_a_request_of_many_rows_runs_in_parts_with_the_same_answer(bundle_dir, rows, monkeypatch):
+    """Large requests run in parts of EDGEPACK_MAX_ROWS_PER_RUN rows (onnxruntime's activations grow
+    with a run's rows); the joined answer is the one run's, row for row."""
+    many = np.concatenate([rows] * 20)[:205]
+    whole = _model(bundle_dir, max_batch=1).session.run(None, {"X": many})
+    monkeypatch.setenv("EDGEPACK_MAX_ROWS_PER_RUN", "16")
+    model = _model(bundle_dir, max_batch=1)
+    calls = []
+    once = model._run_once
+    model._run_once = lambda names, feed: calls.append(len(feed["X"])) or once(names, feed)
+    answer = model.run(None, {"X": many})
+    assert calls == [16] * 12 + [13]
+    for name, expected in zip(answer, whole):
+        np.testing.assert_allclose(answer[name], expected, rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("EDGEPACK_MAX_ROWS_PER_RUN", "0")
+    unlimited = _model(bundle_dir, max_batch=1)
+    assert unlimited._chunk_rows is None
+
+
+def test_a_model_whose_rows_are_not_independent_is_never_split(bundle_dir, tmp_path, rows, monkeypatch):
+    monkeypatch.setenv("EDGEPACK_MAX_ROWS_PER_RUN", "1")
+    root = _candidate(bundle_dir, tmp_path / "one-row", "one-row", _failing_model)
+    assert _model(root, max_batch=1)._chunk_rows is None
+
+
 def test_max_batch_below_1_is_a_one_line_error(bundle_dir):
     done = CliRunner().invoke(cli_app, ["serve", str(bundle_dir), "--port", "0", "--max-batch", "0"])
     assert_one_line_error(done, 3, "--max-batch 0: expected at least 1")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .batching import Batcher, rows_are_independent
-from .errors import InferenceFailed, IntegrityError, RequestError, UnsupportedHere
+from .errors import InferenceFailed, InputError, IntegrityError, RequestError, UnsupportedHere
 from .v2 import PLATFORM, Signature
 
 # Where inference runs (benchmarks/serve_latency.py measures it): session.run releases the GIL,
@@ -116,6 +116,20 @@ class ModelSpec:
                    root / warmup if warmup and (root / warmup).is_file() else None, root)
 
 
+MAX_ROWS_PER_RUN = 1024
+
+
+def max_rows_per_run() -> int | None:
+    """Rows per ``session.run`` of a large request: ``EDGEPACK_MAX_ROWS_PER_RUN`` (0: no limit)."""
+    text = os.environ.get("EDGEPACK_MAX_ROWS_PER_RUN", "").strip()
+    try:
+        value = int(text) if text else MAX_ROWS_PER_RUN
+    except ValueError:
+        raise InputError(f"EDGEPACK_MAX_ROWS_PER_RUN={text!r} is not a whole number",
+                         "give a number of rows, or 0 for no limit") from None
+    return value if value > 0 else None
+
+
 class ServedModel:
     """A session ready to answer: created, checked against the manifest, warmed up and timed."""
 
@@ -141,6 +155,7 @@ class ServedModel:
         # options also saves the ~0.7 us the binding spends making default ones for each run.)
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
+        self._chunk_rows: int | None = None  # set below, once the rows are known to be independent
         feed, _ = make_feed(self.session, load_inputs(spec.warmup) if spec.warmup else None, batch=1)
         try:
             self.warm_run_s = self._warm_up(feed)
@@ -157,8 +172,13 @@ class ServedModel:
         self.inline_budget_s = INLINE_BUDGET_S["one_worker" if self.workers == 1 else "several_workers"]
         # Only runs on the loop are batched: a thread's run is long enough to pay for itself.
         self._batcher = None
-        if max_batch > 1 and placement != "thread" and rows_are_independent(self.run, feed):
+        independent = rows_are_independent(self.run, feed)
+        if max_batch > 1 and placement != "thread" and independent:
             self._batcher = Batcher(self.run, max_batch)
+        # A request of many rows runs in parts of at most this many rows: onnxruntime's activations
+        # (and the arena that keeps them) grow with the rows of one run, ~100 MB for 21,600 rows of
+        # a 2x512 MLP against ~10 MB in parts of 1,024. Only for models whose rows are independent.
+        self._chunk_rows = max_rows_per_run() if independent else None
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=f"infer-{spec.name}")
 
     def _warm_up(self, feed: dict[str, np.ndarray]) -> float:
@@ -174,7 +194,16 @@ class ServedModel:
 
     def run(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Blocking; a failed run raises, never crashes: InputRejected (400) when onnxruntime refused
-        the input, OutOfMemory (503), InferenceFailed (500) when the server is at fault."""
+        the input, OutOfMemory (503), InferenceFailed (500) when the server is at fault. A feed of
+        more rows than ``max_rows_per_run`` runs in parts, whose outputs are joined."""
+        rows = {array.shape[0] if array.ndim else 0 for array in feed.values()}
+        if self._chunk_rows and len(rows) == 1 and (count := rows.pop()) > self._chunk_rows:
+            parts = [self._run_once(names, {name: array[start:start + self._chunk_rows] for name, array in feed.items()})
+                     for start in range(0, count, self._chunk_rows)]
+            return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        return self._run_once(names, feed)
+
+    def _run_once(self, names: list[str] | None, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             values = self.session.run(names, feed, self._run_options)
         except Exception as err:  # noqa: BLE001 - onnxruntime's error types are not importable stably
