@@ -61,6 +61,7 @@ def test_the_document_names_the_served_model_and_its_tensors(served_document, bu
     schemas = served_document["components"]["schemas"]
     assert schemas["RequestInput"]["properties"]["name"]["enum"] == ["X"]
     assert schemas["RequestOutput"]["properties"]["name"]["enum"] == ["label", "probabilities"]
+    assert schemas["InferRequest"]["properties"]["id"]["maxLength"] == 128  # longer ids are a 400
 
 
 @pytest.fixture(scope="module")

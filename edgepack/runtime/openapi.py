@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .v2 import DATATYPES, EXTENSIONS, PLATFORM
+from .v2 import DATATYPES, EXTENSIONS, MAX_REQUEST_ID, PLATFORM
 
 OPENAPI_VERSION = "3.0.3"
 # Every datatype of the protocol (what a request may name); a model takes one per input.
@@ -230,7 +230,7 @@ def _schemas(inputs: list[str], outputs: list[str]) -> dict[str, Any]:
             "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}},
             "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/TensorMetadata"}}}),
         "InferRequest": _object({
-            "id": {"type": "string", "description": "Echoed in the response."},
+            "id": {"type": "string", "maxLength": MAX_REQUEST_ID, "description": "Echoed in the response (and as X-Request-Id)."},
             "parameters": {"type": "object", "properties": {"binary_data_output": {
                 "type": "boolean", "description": "Send every output as binary data."}}},
             "inputs": {"type": "array", "items": {"$ref": "#/components/schemas/RequestInput"}},
