@@ -99,6 +99,11 @@ class GateReport:
     def passed(self) -> bool:
         return all(c.passed for c in self.checks if c.gated) and (self.metric is None or self.metric.passed)
 
+    def failed(self) -> list[str]:
+        """The names of what fails: outputs, and the task metric."""
+        names = [c.output for c in self.checks if c.gated and not c.passed]
+        return names + ([self.metric.name] if self.metric is not None and not self.metric.passed else [])
+
     def failures(self) -> list[str]:
         found = [c.describe() for c in self.checks if c.gated and not c.passed]
         if self.metric is not None and not self.metric.passed:

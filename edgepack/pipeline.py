@@ -121,7 +121,7 @@ def build(spec: BuildSpec, reporter: Reporter | None = None, debug: bool = False
 
         reporter.start("package", f"Packaging {selection.chosen.name} for {profile.name}")
         model_bytes = selection.chosen_path.read_bytes()
-        bench_feed = converted.inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES)
+        bench_feed = _bench_feed(converted.inputs.sample)
         files = payload_with_runtime({"model.onnx": model_bytes, "bench_input.npz": npz_bytes(bench_feed),
                                       **(wheels.files() if wheels else {})})
         quantization = entry.quantization if reused and entry else quantization_block(facts)
@@ -279,7 +279,7 @@ def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: P
             chosen_config = replace(config, reduce_range=bool(entry.quantization.get("reduce_range", config.reduce_range)))
         time_chosen = entry is None or bool(budgets.max_p99_ms or budgets.max_memory_mb)
         return choose_variant(converted.fp32, names, kinds, [o.dims for o in signature.outputs], evaluation,
-                              inputs.sample.bench_feed(BENCH_ROWS, BENCH_BYTES), profile,
+                              _bench_feed(inputs.sample), profile,
                               select_options(spec, time_chosen), chosen_config, workdir, reporter, locked)
 
     try:
@@ -302,6 +302,11 @@ def _select(spec: BuildSpec, profile: Profile, converted: _Converted, workdir: P
                           quantization={}, evidence={row.name: row.speed_text for row in selection.rows
                                                      if row.speed_text})
     return selection, facts, entry, reused
+
+
+def _bench_feed(sample: Examples) -> dict[str, np.ndarray]:
+    """What the variants are timed on, and what the bundle ships for its benchmark and warm-up."""
+    return sample.bench_feed(BENCH_ROWS, BENCH_BYTES)
 
 
 def _first_outputs(model: Path, inputs: Inputs) -> list[np.ndarray]:

@@ -152,10 +152,8 @@ def render_variants(console: Console, rows: list[Any], profile: str, metric_basi
         if row.variant.note:
             why += f"; {row.variant.note}"
         if row.code.value == "inaccurate" and row.gate is not None:  # its figures are in the accuracy part
-            failed = [c.output for c in row.gate.checks if c.gated and not c.passed]
-            failed += [row.gate.metric.name] if row.gate.metric is not None and not row.gate.metric.passed else []
             why = why.replace("fails the accuracy gate: " + "; ".join(row.gate.failures()),
-                              "FAILS the gate on " + ", ".join(failed))
+                              "FAILS the gate on " + ", ".join(row.gate.failed()))
         accuracy = "" if row.accuracy in ("-", "reference") else row.accuracy + "; "
         table.add_row(name, f"{row.size_bytes / 1024:,.0f}" if row.size_bytes else "-", _sig(bench.get("p50_ms")),
                       row.verdict.value, escape(accuracy + why), style=style)

@@ -196,8 +196,10 @@ class ServedModel:
         """Blocking; a failed run raises, never crashes: InputRejected (400) when onnxruntime refused
         the input, OutOfMemory (503), InferenceFailed (500) when the server is at fault. A feed of
         more rows than ``max_rows_per_run`` runs in parts, whose outputs are joined."""
+        if not self._chunk_rows:  # the hot path of small models: nothing to count
+            return self._run_once(names, feed)
         rows = {array.shape[0] if array.ndim else 0 for array in feed.values()}
-        if self._chunk_rows and len(rows) == 1 and (count := rows.pop()) > self._chunk_rows:
+        if len(rows) == 1 and (count := rows.pop()) > self._chunk_rows:
             parts = [self._run_once(names, {name: array[start:start + self._chunk_rows] for name, array in feed.items()})
                      for start in range(0, count, self._chunk_rows)]
             return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
